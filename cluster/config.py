@@ -1,0 +1,244 @@
+"""The one validated configuration of a run.
+
+Each role owns the pydantic model of its section (`actors/config.py`, `reward/config.py`,
+`learner/config.py`); this module composes them into the file users edit, loads it from YAML,
+applies dotted command-line overrides (`learner.lr=3e-7`) and turns validation failures into
+errors that name the field: a mistyped key names the closest valid one, a wrong type names the
+expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actors.config import DataConfig, RolloutConfig
+from learner.config import AlgorithmConfig, BCConfig, LearnerConfig
+from reward.config import JudgeConfig, RewardConfig
+
+
+class ClusterConfig(BaseModel):
+    """Where the roles run."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    address: str = "local"
+    """Ray cluster to join: `local` starts a private single-node Ray on 127.0.0.1, `auto` joins the cluster
+    this process runs in (what `ray job submit` gives), or a `ray://host:port` address."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of the local Ray node (local mode only; null: all)."""
+    rollout_gpus_per_actor: float = Field(0.0, ge=0)
+    """GPUs in each rollout actor's placement bundle (0 on CPU; rollout.tensor_parallel_size on GPU)."""
+    learner_gpus_per_rank: float = Field(0.0, ge=0)
+    """GPUs in each learner rank's placement bundle (0 on CPU, 1 on GPU)."""
+    reward_cpus_per_actor: float = Field(0.5, gt=0)
+    """CPUs reserved for each reward actor."""
+    run_dir: Path = Path("runs/default")
+    """Run directory: resolved config, rollouts (Parquet), metrics (JSONL), checkpoints, reports."""
+    seed: int = 1
+    """Global seed (torch, numpy, python)."""
+
+
+class EvalConfig(BaseModel):
+    """Sotopia evaluation: full episodes judged on 7 dimensions (spec §5)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    every_steps: int = Field(50, ge=0)
+    """Evaluate every this many learner steps (0: only before and after training)."""
+    full_every_steps: int = Field(150, ge=0)
+    """At multiples of this, evaluate all episodes instead of the hard subset (spec §5.6)."""
+    hard_only: bool = True
+    """Periodic evaluations play only the hard subset."""
+    max_turns: int = Field(20, ge=1)
+    """Utterances per episode (spec §5.2)."""
+    max_episodes: int | None = Field(None, ge=1)
+    """Cap on episodes per evaluation (null: all)."""
+    judge: JudgeConfig = JudgeConfig(max_tokens=4096)
+    """Episode evaluator (paper: gpt-4o-2024-08-06, temperature 0)."""
+    partner: JudgeConfig | None = None
+    """Partner model reached through an OpenAI-compatible API; null plays self-play."""
+
+
+class LoggingConfig(BaseModel):
+    """What a run writes and exposes."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level."""
+    metrics_host: str = "127.0.0.1"
+    """Address the Prometheus endpoints bind to; keep loopback unless a scraper needs more."""
+    metrics_port: int = Field(9400, ge=0, le=65535)
+    """Port of the driver's Prometheus endpoint (0: pick a free one)."""
+    save_rollouts: bool = True
+    """Write every scored group to `<run_dir>/rollouts/*.parquet`."""
+
+
+class Config(BaseModel):
+    """A whole AMPO run."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    cluster: ClusterConfig = ClusterConfig()
+    """Ray placement and the run directory."""
+    rollout: RolloutConfig = RolloutConfig()
+    """vLLM rollout actors."""
+    reward: RewardConfig = RewardConfig()
+    """Reward service and judge."""
+    learner: LearnerConfig = LearnerConfig()
+    """FSDP learner."""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """AMPO / GRPO."""
+    bc: BCConfig = BCConfig()
+    """Behaviour cloning."""
+    data: DataConfig = DataConfig()
+    """Scenarios, RL states, demonstrations."""
+    eval: EvalConfig = EvalConfig()
+    """Sotopia evaluation."""
+    logging: LoggingConfig = LoggingConfig()
+    """Logs and metrics."""
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the field."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load `path` (YAML; None: all defaults), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_config(raw, source=str(path) if path else "defaults")
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    # YAML parsing gives numbers, booleans, null and lists their natural types; "3e-7" stays a string
+    # in YAML 1.1 and pydantic then converts it to the float the field expects.
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _field_names_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join(loc[:-1] + (close[0],))!r}?" if close else ""
+        return f"unknown key {dotted!r}{hint} (valid keys here: {', '.join(valid)})"
+    expected = _field_type_at(loc)
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    return f"field {dotted!r} expects {expected}, got {shown}: {err['msg']}"
+
+
+def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        sub = _submodel(field.annotation)
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        sub = _submodel(arg)
+        if sub is not None:
+            return sub
+    return None
+
+
+def _field_names_at(loc: tuple[str, ...]) -> list[str]:
+    model = _model_at(loc)
+    return list(model.model_fields) if model else []
+
+
+def _field_type_at(loc: tuple[str, ...]) -> str:
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model else None
+    if field is None:
+        return "a valid value"
+    return _type_name(field.annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("pathlib.", "")
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML. Configs hold no secrets (keys are read from the environment or a
+    key file at run time), so the dump is safe to write into run directories."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_template(config: Config | None = None) -> str:
+    """The full config as commented YAML: every field with its value and its docstring."""
+    config = config or Config()
+    lines: list[str] = []
+    _template_lines(config, lines, indent=0)
+    return "\n".join(lines) + "\n"
+
+
+def _template_lines(model: BaseModel, lines: list[str], indent: int) -> None:
+    pad = "  " * indent
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        for doc_line in (field.description or "").split("\n"):
+            lines.append(f"{pad}# {' '.join(doc_line.split())}".rstrip())
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            _template_lines(value, lines, indent + 1)
+        else:
+            text = yaml.safe_dump({name: _plain(value)}, default_flow_style=True, width=10_000).strip()
+            lines.append(f"{pad}{text[1:-1] if text.startswith('{') else text}")
+        if indent == 0:
+            lines.append("")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value

@@ -1,0 +1,68 @@
+"""Configuration owned by the scoring role: the judge endpoint and the reward formula."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JudgeConfig(BaseModel):
+    """An OpenAI-compatible judge endpoint. The API key is read at run time from `api_key_env` or
+    `api_key_file`; it never lives in the config, so dumping a config cannot leak it."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    base_url: str = "local"
+    """Endpoint base URL (e.g. https://host/v1), or `local` to start vLLM's OpenAI server on 127.0.0.1
+    serving the rollout model."""
+    model: str = "local"
+    """Model name sent to the endpoint (paper: qwen2.5-72b-instruct for rewards, gpt-4o-2024-08-06 for
+    evaluation); `local` means the name the local server registers."""
+    api_key_env: str = "AMPO_JUDGE_API_KEY"
+    """Environment variable holding the API key (unset is fine for a local server)."""
+    api_key_file: Path | None = None
+    """File holding the API key; used when the environment variable is unset."""
+    max_concurrency: int = Field(30, ge=1)
+    """Judge calls in flight at once per reward actor (paper: 30 processes)."""
+    requests_per_minute: float | None = Field(None, gt=0)
+    """Request budget (null: unlimited)."""
+    tokens_per_minute: float | None = Field(None, gt=0)
+    """Prompt+completion token budget, estimated before each call (null: unlimited)."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Timeout of one HTTP call."""
+    max_retries: int = Field(5, ge=0)
+    """HTTP retries per call on 429, 5xx, timeouts and connection errors (exponential backoff with jitter,
+    honouring Retry-After)."""
+    backoff_base_s: float = Field(1.0, gt=0)
+    """First backoff delay; doubled on each retry."""
+    backoff_max_s: float = Field(60.0, gt=0)
+    """Longest backoff delay."""
+    parse_rounds: int = Field(5, ge=1)
+    """Rounds of asking again when an answer cannot be parsed (spec §2.3: 5)."""
+    greedy_rounds: int = Field(2, ge=0)
+    """The first rounds use temperature 0.0, later ones temperature 1.0 (spec §2.3: 2)."""
+    max_tokens: int = Field(1024, ge=16)
+    """Completion budget of one judge answer."""
+    structured_output: bool = True
+    """Ask the server for JSON matching the answer schema (vLLM supports it), so even a weak judge parses."""
+
+
+class RewardConfig(BaseModel):
+    """The reward service: judge, pool size and the reward formula (spec §2)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    judge: JudgeConfig = JudgeConfig()
+    """Goal-progress judge (paper: Qwen2.5-72B-Instruct, temperature 0)."""
+    num_actors: int = Field(2, ge=1)
+    """Reward actors in the pool."""
+    length_target: float = Field(250.0, gt=0)
+    """Answer length (policy tokens) where the length score is 0.5 (spec §2.4)."""
+    length_scale: float = Field(75.0, gt=0)
+    """Tokens over which the length score falls from 1 to 0.5 and from 0.5 to 0 (spec §2.4)."""
+    judge_failure_as_zero: bool = False
+    """Reproduce the reference, which scores a failed judge call 0 (spec §2.5). Off: such a sample is
+    marked invalid with its reason and never scored."""
+    custom_reward: str | None = None
+    """Optional `module:function` returning a reward for a scored-sample context, replacing the judge reward."""

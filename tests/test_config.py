@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.config import Config, ConfigError, config_template, dump_config, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def _leaf_paths(model, prefix=()):
+    for name, value in model:
+        if hasattr(value, "model_fields"):
+            yield from _leaf_paths(value, prefix + (name,))
+        else:
+            yield prefix + (name,)
+
+
+def test_defaults_are_the_paper_values():
+    config = Config()
+    assert config.rollout.n == 16
+    assert config.algorithm.groups_per_step == 16
+    assert config.algorithm.clip_ratio == 0.2
+    assert config.algorithm.kl_coef == 0.001
+    assert config.algorithm.entropy_coef == 0.001
+    assert config.learner.grad_clip == 1.0
+    assert config.learner.weight_decay == 0.01
+    assert config.reward.length_target == 250 and config.reward.length_scale == 75
+    assert config.reward.judge.parse_rounds == 5 and config.reward.judge.greedy_rounds == 2
+    assert config.bc.lr == 2e-6 and config.bc.warmup_ratio == 0.1 and config.bc.epochs == 3
+    assert config.eval.max_turns == 20 and config.rollout.eval_temperature == 0.7
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_loads_and_shows_every_field(path):
+    config = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    for leaf in _leaf_paths(config):
+        node = raw
+        for part in leaf:
+            assert isinstance(node, dict) and part in node, f"{path.name} does not show {'.'.join(leaf)}"
+            node = node[part]
+
+
+def test_every_field_has_a_docstring():
+    template = config_template()
+    for line_no, line in enumerate(template.splitlines()):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            previous = template.splitlines()[line_no - 1].strip()
+            assert previous.startswith("#"), f"field without a docstring: {stripped}"
+
+
+def test_dotted_overrides_apply_with_types():
+    config = load_config(None, ["learner.lr=3e-7", "rollout.n=8", "reward.judge.model=qwen", "data.scenarios=null"])
+    assert config.learner.lr == pytest.approx(3e-7)
+    assert config.rollout.n == 8
+    assert config.reward.judge.model == "qwen"
+    assert config.data.scenarios is None
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'learner\.lrr'; did you mean 'learner\.lr'"):
+        load_config(None, ["learner.lrr=1e-6"])
+    with pytest.raises(ConfigError, match=r"unknown key 'rolout'; did you mean 'rollout'"):
+        load_config(None, ["rolout.n=2"])
+    with pytest.raises(ConfigError, match=r"did you mean 'reward\.judge\.max_concurrency'"):
+        load_config(None, ["reward.judge.max_concurency=3"])
+
+
+def test_wrong_type_names_field_and_expected_type():
+    with pytest.raises(ConfigError, match=r"field 'rollout\.n' expects int, got 'many'"):
+        load_config(None, ["rollout.n=many"])
+    with pytest.raises(ConfigError, match=r"field 'algorithm\.estimator' expects .*'ampo'.*'grpo'"):
+        load_config(None, ["algorithm.estimator=ppo"])
+
+
+def test_out_of_range_value_is_rejected():
+    with pytest.raises(ConfigError, match=r"rollout\.n"):
+        load_config(None, ["rollout.n=0"])
+
+
+def test_file_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("learner:\n  gradclip: 2.0\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key 'learner\.gradclip'; did you mean 'learner\.grad_clip'"):
+        load_config(typo)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["learner.lr"])
+
+
+def test_dump_round_trips_and_holds_no_secret(monkeypatch):
+    monkeypatch.setenv("AMPO_JUDGE_API_KEY", "sk-very-secret")
+    config = load_config(None, ["reward.judge.base_url=http://127.0.0.1:9/v1"])
+    text = dump_config(config)
+    assert "sk-very-secret" not in text
+    assert Config.model_validate(yaml.safe_load(text)) == config
+
+
+def test_cli_config_show_and_typo(capsys, tiny_config_path):
+    assert main(["config", "show", "--config", str(tiny_config_path), "rollout.n=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["rollout"]["n"] == 3
+    assert main(["config", "show", "--config", str(tiny_config_path), "learner.lrr=3"]) == 2
+    assert "did you mean 'learner.lr'" in capsys.readouterr().err
