@@ -27,3 +27,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_config_path() -> Path:
     return REPO_ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private single-node Ray instance shared by the tests that need actors. Resources are logical,
+    so more actors than cores fit (each test keeps its own actors small)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=8,
+            include_dashboard=False,
+            object_store_memory=1 << 30,
+            log_to_driver=False,
+            runtime_env={"env_vars": {k: os.environ[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND", "TOKENIZERS_PARALLELISM")}},
+        )
+    yield ray
+    ray.shutdown()
