@@ -1,0 +1,109 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from actors.states import RLState, StateDataError, check_states, read_states, training_rows, write_states
+
+SYSTEM = "You switch between four thinking levels."
+
+
+def raw_record(**overrides):
+    record = {
+        "dialog": ['Turn 0: Ana Silva said: "Hi Ben."\n', "Turn 1: Ben Okafor said:"],
+        "env_id": 3,
+        "turn": 1,
+        "instruction": "Imagine you are Ben Okafor ...",
+        "agent1_name": "Ana Silva",
+        "agent2_name": "Ben Okafor",
+        "agent1_goal": "Borrow the car",
+        "agent2_goal": "Keep the car",
+        "rollout": 2,
+        "state": {"agent1": {"score": 4.0}, "agent2": {"score": 6.5}, "step": 1},
+        "agent1_goal_score": 7.0,
+    }
+    record.update(overrides)
+    return record
+
+
+def test_raw_json_record_parses():
+    state = read_states_from([raw_record()])[0]
+    assert state.actor == 2 and state.state_id == "3:2:1"
+    assert state.reward_context()["state_reward"] == {"agent1": {"score": 4.0}, "agent2": {"score": 6.5}}
+    assert state.messages(SYSTEM)[0] == {"role": "system", "content": SYSTEM}
+
+
+def test_round_trip_through_training_parquet(tmp_path):
+    source = tmp_path / "raw.json"
+    source.write_text(json.dumps([raw_record(), raw_record(env_id=4, turn=1)]))
+    states = read_states(source)
+    out = write_states(states, tmp_path / "train_rl.parquet", SYSTEM)
+    back = read_states(out)
+    assert [s.model_copy(update={"system_prompt": None}) for s in back] == states
+    assert back[0].system_prompt == SYSTEM
+    table = pq.read_table(out)
+    assert table.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+    row = table.to_pylist()[0]
+    assert row["prompt"][0] == {"role": "system", "content": SYSTEM}
+    assert row["reward_model"]["state_reward"]["agent2"]["score"] == 6.5
+
+
+def test_jsonl_and_parquet_raw_layouts(tmp_path):
+    jsonl = tmp_path / "raw.jsonl"
+    jsonl.write_text("\n".join(json.dumps(raw_record(env_id=i)) for i in range(3)))
+    assert [s.env_id for s in read_states(jsonl)] == [0, 1, 2]
+    parquet = tmp_path / "raw.parquet"
+    pq.write_table(pa.Table.from_pylist([raw_record()]), parquet)
+    assert read_states(parquet)[0].prior.agent2 == 6.5
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (raw_record(state={"agent1": {"score": 11.0}, "agent2": {"score": 5.0}}), r"row 1: field 'state\.agent1\.score'.*less than or equal to 10"),
+        (raw_record(state={"agent1": {"score": -1.0}, "agent2": {"score": 5.0}}), r"row 1: field 'state\.agent1\.score'"),
+        ({k: v for k, v in raw_record().items() if k != "instruction"}, r"row 1: missing field 'instruction'"),
+        (raw_record(turn="one"), r"row 1: field 'turn'.*valid integer"),
+        (raw_record(dialog=['Turn 0: Ana said: "hi"\n']), r"row 1: field 'dialog'.*open slot"),
+        (raw_record(turn=2), r"row 1: field 'record'.*turn 2 does not match"),
+        ("not a record", r"row 1: expected a record"),
+    ],
+)
+def test_bad_rows_name_file_row_and_field(tmp_path, bad, message):
+    path = tmp_path / "states.json"
+    path.write_text(json.dumps([raw_record(), bad]))
+    with pytest.raises(StateDataError, match=message):
+        read_states(path)
+    valid, errors = check_states(path)
+    assert valid == 1 and len(errors) == 1 and str(path) in errors[0]
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(StateDataError, match="file not found"):
+        read_states(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(StateDataError, match="not valid JSON"):
+        read_states(broken)
+    lines = tmp_path / "broken.jsonl"
+    lines.write_text(json.dumps(raw_record()) + "\n{oops\n")
+    with pytest.raises(StateDataError, match="line 2: not valid JSON"):
+        read_states(lines)
+
+
+def test_training_rows_carry_index_and_messages():
+    state = read_states_from([raw_record()])[0]
+    row = training_rows([state], SYSTEM)[0]
+    assert row["extra_info"] == {"split": "train", "index": 0, "env_id": 3, "turn": 1, "rollout": 2}
+    assert row["prompt"][1] == {"role": "user", "content": state.instruction}
+
+
+def read_states_from(records):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "s.json"
+        path.write_text(json.dumps(records))
+        return read_states(path)
