@@ -167,3 +167,60 @@ def scored_groups_to_table(groups: list[ScoredGroup]) -> pa.Table:
             row.update({k: v for k, v in dataclasses.asdict(scored).items() if k != "sample"})
             rows.append(row)
     return pa.Table.from_pylist(rows, schema=SCORED_SAMPLE_SCHEMA)
+
+
+def group_request_to_dict(request: GroupRequest) -> dict[str, Any]:
+    """A JSON-ready dict of a request (the inverse of :func:`group_request_from_dict`).
+
+    Used to checkpoint the groups waiting in the replay queue without pickle: the Arrow table holds the samples,
+    this holds what the samples cannot carry (messages, sampling, scorer context). ``context`` must itself be
+    JSON-compatible (string keys; lists come back as lists).
+    """
+    return {
+        "group_id": request.group_id,
+        "state_id": request.state_id,
+        "messages": None if request.messages is None else [dict(m) for m in request.messages],
+        "prompt_token_ids": None if request.prompt_token_ids is None else list(request.prompt_token_ids),
+        "sampling": dataclasses.asdict(request.sampling),
+        "context": request.context,
+    }
+
+
+def group_request_from_dict(data: dict[str, Any]) -> GroupRequest:
+    """Rebuild a request from :func:`group_request_to_dict` output (after a JSON round trip)."""
+    messages = data.get("messages")
+    prompt = data.get("prompt_token_ids")
+    return GroupRequest(
+        group_id=data["group_id"],
+        state_id=data["state_id"],
+        messages=None if messages is None else tuple(dict(m) for m in messages),
+        prompt_token_ids=None if prompt is None else tuple(int(t) for t in prompt),
+        sampling=SamplingSpec(**data["sampling"]),
+        context=dict(data.get("context") or {}),
+    )
+
+
+_SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
+_SCORED_FIELDS = tuple(f.name for f in dataclasses.fields(ScoredSample) if f.name != "sample")
+
+
+def scored_groups_from_table(table: pa.Table, requests: dict[str, GroupRequest]) -> list[ScoredGroup]:
+    """Rebuild scored groups from :func:`scored_groups_to_table` output, the inverse of that function.
+
+    Rows are grouped by ``group_id`` in order of first appearance and keep their row order inside a group;
+    ``requests`` maps each group id to its request. Raises ValueError when a group id has no request or the
+    table does not have the scored-sample schema.
+    """
+    if not table.schema.equals(SCORED_SAMPLE_SCHEMA):
+        raise ValueError(f"table schema does not match SCORED_SAMPLE_SCHEMA: {table.schema}")
+    by_group: dict[str, list[ScoredSample]] = {}
+    for row in table.to_pylist():
+        sample_fields = {name: row[name] for name in _SAMPLE_FIELDS}
+        for name in ("prompt_token_ids", "response_token_ids", "behaviour_logprobs"):
+            sample_fields[name] = tuple(sample_fields[name])
+        scored = ScoredSample(sample=Sample(**sample_fields), **{name: row[name] for name in _SCORED_FIELDS})
+        by_group.setdefault(scored.sample.group_id, []).append(scored)
+    missing = [gid for gid in by_group if gid not in requests]
+    if missing:
+        raise ValueError(f"no request for groups {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return [ScoredGroup(request=requests[gid], samples=tuple(samples)) for gid, samples in by_group.items()]

@@ -1,0 +1,323 @@
+"""The replay queue between the reward pool and the learner: bounded, complete groups only, staleness-checked.
+
+Design:
+
+* **Groups are atomic** (AMPO normalises inside a group): ``put`` accepts a whole :class:`ScoredGroup` or refuses
+  it. A group is complete when it holds exactly ``request.sampling.n`` samples with indices 0..n−1, all carrying
+  its group id. A group id is accepted at most once over the queue's life (including groups already consumed and
+  groups restored from a checkpoint), so a producer that retries after a crash cannot make the learner see a prompt
+  twice.
+* **Backpressure**: the queue holds at most ``capacity`` groups; ``put`` waits (optionally with a timeout) until
+  the learner makes room. A timed-out put raises :class:`QueueTimeout` and leaves the group with the caller, so it
+  is never lost silently. Refusals (stale, duplicate, incomplete) are normal outcomes: they are returned and
+  counted, not raised.
+* **Staleness**: a group made by policy version ``v`` is refused once the learner's version exceeds
+  ``v + max_staleness``; checked when it arrives, and again for waiting groups whenever the learner reports a newer
+  version (in ``get`` or ``set_version``). The driver's in-flight cap (ARCHITECTURE.md) keeps this rare; the check
+  here is the guarantee.
+* **Checkpoints**: ``snapshot()`` returns the waiting groups as an Arrow IPC stream (the scored-sample schema) plus
+  a JSON document (requests, order, the ids already seen, counters); ``restore()`` rebuilds them exactly. Nothing
+  is pickled, so a checkpoint from elsewhere cannot run code on load.
+
+The class is an ordinary asyncio object (tests drive it directly); :func:`create_replay_queue` starts it as an
+async Ray actor, where concurrent ``put`` and ``get`` calls interleave on the actor's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+import ray
+from ray.util.metrics import Counter, Gauge, Histogram
+
+from actors.records import (
+    ScoredGroup,
+    group_request_from_dict,
+    group_request_to_dict,
+    scored_groups_from_table,
+    scored_groups_to_table,
+)
+
+__all__ = ["PutResult", "QueueSnapshot", "QueueTimeout", "ReplayQueue", "create_replay_queue"]
+
+log = logging.getLogger(__name__)
+
+PutResult = Literal["accepted", "stale", "duplicate", "incomplete"]
+"""Outcome of :meth:`ReplayQueue.put`; anything but ``accepted`` is a refusal, counted under that reason."""
+
+_SNAPSHOT_FORMAT = 1
+
+
+class QueueTimeout(TimeoutError):
+    """A ``put`` found no room, or a ``get`` found too few groups, within its timeout. Nothing was changed."""
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """Lossless, pickle-free state of a queue: ``arrow`` is an Arrow IPC stream of the waiting groups' samples,
+    ``meta`` a JSON document with their requests, their order, every group id seen and the counters."""
+
+    arrow: bytes
+    meta: str
+
+
+class ReplayQueue:
+    """Bounded FIFO of complete scored groups (see the module docstring).
+
+    Args:
+        capacity: most groups held at once; ``put`` waits while the queue is full.
+        max_staleness: how many versions a group's policy may lag behind the learner's current version.
+        current_version: the learner's policy version at start.
+    """
+
+    def __init__(self, capacity: int, max_staleness: int, *, current_version: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        self.capacity = capacity
+        self.max_staleness = max_staleness
+        self.current_version = current_version
+        self._groups: collections.deque[ScoredGroup] = collections.deque()
+        self._seen: set[str] = set()  # ids ever accepted: waiting or consumed
+        self._reserved: set[str] = set()  # ids of puts waiting for room
+        self._changed = asyncio.Condition()
+        self._waiting_puts = 0
+        self._counts = {"accepted": 0, "consumed": 0, "stale": 0, "duplicate": 0, "incomplete": 0}
+        self._depth = Gauge("ampo_queue_depth", "Scored groups waiting in the replay queue.")
+        self._put_wait = Histogram(
+            "ampo_queue_put_wait_seconds",
+            "Time a put waited for room in the replay queue (backpressure).",
+            boundaries=[0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0],
+        )
+        self._refused = Counter(
+            "ampo_queue_refused_groups_total",
+            "Groups the replay queue refused, by reason (stale, duplicate, incomplete).",
+            tag_keys=("reason",),
+        )
+        self._staleness = Histogram(
+            "ampo_queue_staleness",
+            "Policy-version lag of the groups handed to the learner.",
+            boundaries=[0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5],
+        )
+        self._depth.set(0)
+
+    # ----------------------------------------------------------------------------------------------- producer side
+
+    async def put(self, group: ScoredGroup, timeout_s: float | None = None) -> PutResult:
+        """Add a complete group, waiting while the queue is full.
+
+        Returns ``"accepted"`` or the refusal reason (``"incomplete"``, ``"duplicate"``, ``"stale"``). Raises
+        :class:`QueueTimeout` when no room appeared within ``timeout_s`` seconds (None: wait indefinitely); the
+        group is then not stored and its id stays free for a retry.
+        """
+        problem = _incompleteness(group)
+        if problem is not None:
+            log.warning("refused incomplete group %s: %s", group.group_id, problem)
+            return self._refuse("incomplete")
+        if group.group_id in self._seen or group.group_id in self._reserved:
+            log.warning("refused duplicate group %s", group.group_id)
+            return self._refuse("duplicate")
+        if self._lag(group) > self.max_staleness:
+            return self._refuse_stale(group)
+        self._reserved.add(group.group_id)  # a concurrent put of the same group is then a duplicate
+        started = time.monotonic()
+        async with self._changed:
+            self._waiting_puts += 1
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: len(self._groups) < self.capacity), timeout_s)
+            except asyncio.TimeoutError:
+                self._reserved.discard(group.group_id)
+                raise QueueTimeout(
+                    f"replay queue full ({len(self._groups)}/{self.capacity} groups) for {timeout_s} s; "
+                    f"group {group.group_id} was not stored"
+                ) from None
+            finally:
+                self._waiting_puts -= 1
+            self._put_wait.observe(time.monotonic() - started)
+            self._reserved.discard(group.group_id)
+            if self._lag(group) > self.max_staleness:  # the learner moved on while we waited
+                return self._refuse_stale(group)
+            self._seen.add(group.group_id)
+            self._groups.append(group)
+            self._counts["accepted"] += 1
+            self._depth.set(len(self._groups))
+            self._changed.notify_all()
+        return "accepted"
+
+    # ------------------------------------------------------------------------------------------------ learner side
+
+    async def get(self, k: int, current_version: int, timeout_s: float | None = None) -> list[ScoredGroup]:
+        """Take the ``k`` oldest groups for a learner at ``current_version``, waiting until there are k fresh ones.
+
+        Groups that are too stale for that version are refused (counted, dropped) first. Raises
+        :class:`QueueTimeout` when fewer than ``k`` fresh groups arrived within ``timeout_s`` (nothing is taken).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        async with self._changed:
+            self._advance_version(current_version)
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: len(self._groups) >= k), timeout_s)
+            except asyncio.TimeoutError:
+                raise QueueTimeout(
+                    f"replay queue holds {len(self._groups)} of the {k} groups asked for after {timeout_s} s"
+                ) from None
+            batch = [self._groups.popleft() for _ in range(k)]
+            for group in batch:
+                self._staleness.observe(self._lag(group))
+            self._counts["consumed"] += k
+            self._depth.set(len(self._groups))
+            self._changed.notify_all()
+        return batch
+
+    async def set_version(self, version: int) -> int:
+        """Tell the queue the learner's new policy version; drops waiting groups that became too stale.
+
+        Returns how many were dropped. Versions never go back: an older version is ignored.
+        """
+        async with self._changed:
+            dropped = self._advance_version(version)
+            self._changed.notify_all()
+        return dropped
+
+    # ------------------------------------------------------------------------------------------------- inspection
+
+    def depth(self) -> int:
+        """Groups waiting now."""
+        return len(self._groups)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and state: depth, capacity, versions, puts waiting for room, accepted/consumed/refused counts."""
+        return {
+            "depth": len(self._groups),
+            "capacity": self.capacity,
+            "current_version": self.current_version,
+            "max_staleness": self.max_staleness,
+            "waiting_puts": self._waiting_puts,
+            "oldest_version": min((g.policy_version for g in self._groups), default=None),
+            "accepted": self._counts["accepted"],
+            "consumed": self._counts["consumed"],
+            "refused": {reason: self._counts[reason] for reason in ("stale", "duplicate", "incomplete")},
+        }
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def snapshot(self) -> QueueSnapshot:
+        """The waiting groups, every id seen, the counters and the version, in a pickle-free form."""
+        groups = list(self._groups)
+        sink = pa.BufferOutputStream()
+        table = scored_groups_to_table(groups)
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        meta = {
+            "format": _SNAPSHOT_FORMAT,
+            "current_version": self.current_version,
+            "order": [g.group_id for g in groups],
+            "requests": [group_request_to_dict(g.request) for g in groups],
+            # Ids of puts still waiting for room are not state: those groups are not stored and their callers retry.
+            "seen": sorted(self._seen),
+            "counts": dict(self._counts),
+        }
+        return QueueSnapshot(arrow=sink.getvalue().to_pybytes(), meta=json.dumps(meta))
+
+    async def restore(self, snapshot: QueueSnapshot | dict[str, Any]) -> int:
+        """Replace the queue's state with a snapshot's; returns the number of waiting groups restored.
+
+        Accepts the :class:`QueueSnapshot` or its fields as a dict. Restored groups may exceed ``capacity``
+        (producers then wait until the learner drains them). Refuses while puts are waiting, because their
+        reserved ids would be lost.
+        """
+        if isinstance(snapshot, dict):
+            snapshot = QueueSnapshot(**snapshot)
+        meta = json.loads(snapshot.meta)
+        if meta.get("format") != _SNAPSHOT_FORMAT:
+            raise ValueError(f"unknown replay-queue snapshot format {meta.get('format')!r}")
+        table = pa.ipc.open_stream(snapshot.arrow).read_all()
+        requests = {r["group_id"]: group_request_from_dict(r) for r in meta["requests"]}
+        groups = {g.group_id: g for g in scored_groups_from_table(table, requests)}
+        if sorted(groups) != sorted(meta["order"]):
+            raise ValueError("replay-queue snapshot is inconsistent: table groups differ from the recorded order")
+        async with self._changed:
+            if self._waiting_puts:
+                raise RuntimeError(f"cannot restore while {self._waiting_puts} puts are waiting for room")
+            self._groups = collections.deque(groups[gid] for gid in meta["order"])
+            self._seen = set(meta["seen"])
+            self._counts = {**self._counts, **meta["counts"]}
+            self.current_version = int(meta["current_version"])
+            self._depth.set(len(self._groups))
+            self._changed.notify_all()
+        log.info("replay queue restored: %d waiting groups, %d ids seen", len(self._groups), len(self._seen))
+        return len(self._groups)
+
+    # ------------------------------------------------------------------------------------------------- internals
+
+    def _lag(self, group: ScoredGroup) -> int:
+        return self.current_version - group.policy_version
+
+    def _advance_version(self, version: int) -> int:
+        if version <= self.current_version:
+            return 0
+        self.current_version = version
+        fresh = collections.deque(g for g in self._groups if self._lag(g) <= self.max_staleness)
+        dropped = [g for g in self._groups if self._lag(g) > self.max_staleness]
+        for group in dropped:
+            self._refuse_stale(group)
+        self._groups = fresh
+        self._depth.set(len(self._groups))
+        return len(dropped)
+
+    def _refuse_stale(self, group: ScoredGroup) -> PutResult:
+        log.warning(
+            "refused stale group %s: policy version %d, learner at %d, max staleness %d",
+            group.group_id,
+            group.policy_version,
+            self.current_version,
+            self.max_staleness,
+        )
+        return self._refuse("stale")
+
+    def _refuse(self, reason: PutResult) -> PutResult:
+        self._counts[reason] += 1
+        self._refused.inc(1, tags={"reason": reason})
+        return reason
+
+
+def _incompleteness(group: ScoredGroup) -> str | None:
+    """Why a group is not complete, or None when it is."""
+    n = group.request.sampling.n
+    if len(group.samples) != n:
+        return f"{len(group.samples)} samples, expected n={n}"
+    indices = sorted(s.sample.index for s in group.samples)
+    if indices != list(range(n)):
+        return f"sample indices {indices} are not 0..{n - 1}"
+    strangers = {s.sample.group_id for s in group.samples} - {group.group_id}
+    if strangers:
+        return f"samples from other groups {sorted(strangers)}"
+    return None
+
+
+def create_replay_queue(
+    capacity: int,
+    max_staleness: int,
+    *,
+    current_version: int = 0,
+    name: str | None = None,
+    **ray_options: Any,
+) -> ray.actor.ActorHandle:
+    """Start a :class:`ReplayQueue` as an async Ray actor (``name`` makes it a named actor).
+
+    The actor needs no CPU of its own (``num_cpus=0`` unless overridden) and handles many concurrent calls, so
+    blocked puts never stop the learner's ``get``.
+    """
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, **ray_options}
+    if name is not None:
+        options["name"] = name
+    return ray.remote(ReplayQueue).options(**options).remote(capacity, max_staleness, current_version=current_version)

@@ -1,0 +1,170 @@
+"""Replay queue: complete groups only, backpressure, staleness and duplicate refusal, lossless snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from learner_fixtures import make_group, make_groups
+
+from actors.records import GroupRequest, SamplingSpec, group_request_from_dict, group_request_to_dict, scored_groups_to_table
+from learner.queue import QueueSnapshot, QueueTimeout, ReplayQueue, create_replay_queue
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_put_get_fifo_and_stats() -> None:
+    async def main() -> None:
+        q = ReplayQueue(capacity=4, max_staleness=1)
+        groups = make_groups(3)
+        for g in groups:
+            assert await q.put(g) == "accepted"
+        got = await q.get(2, current_version=0)
+        assert [g.group_id for g in got] == ["g0", "g1"]
+        stats = q.stats()
+        assert stats["depth"] == 1 and stats["accepted"] == 3 and stats["consumed"] == 2
+        assert stats["refused"] == {"stale": 0, "duplicate": 0, "incomplete": 0}
+
+    run(main())
+
+
+def test_backpressure_blocks_until_room_and_times_out() -> None:
+    async def main() -> None:
+        q = ReplayQueue(capacity=2, max_staleness=0)
+        a, b, c, d = make_groups(4)
+        await q.put(a)
+        await q.put(b)
+        with pytest.raises(QueueTimeout, match="not stored"):
+            await q.put(c, timeout_s=0.05)
+        # The timed-out group was not stored and its id stays free.
+        assert q.depth() == 2
+        blocked = asyncio.create_task(q.put(c))
+        await asyncio.sleep(0.05)
+        assert not blocked.done() and q.stats()["waiting_puts"] == 1
+        # A concurrent put of the same group while the first waits is a duplicate.
+        assert await q.put(c) == "duplicate"
+        assert [g.group_id for g in await q.get(1, 0)] == ["g0"]
+        assert await asyncio.wait_for(blocked, 1.0) == "accepted"
+        assert [g.group_id for g in await q.get(2, 0)] == ["g1", "g2"]
+        with pytest.raises(QueueTimeout):
+            await q.get(1, 0, timeout_s=0.05)
+        assert await q.put(d) == "accepted"
+
+    run(main())
+
+
+def test_staleness_refused_at_put_and_dropped_at_get() -> None:
+    async def main() -> None:
+        q = ReplayQueue(capacity=8, max_staleness=1)
+        old = make_group("old", [0.1, 0.2], version=0)
+        mid = make_group("mid", [0.1, 0.2], version=1)
+        new = make_group("new", [0.1, 0.2], version=2)
+        for g in (old, mid, new):
+            assert await q.put(g) == "accepted"
+        # The learner reaches version 2: "old" lags by 2 > 1 and is refused at get time.
+        got = await q.get(2, current_version=2)
+        assert [g.group_id for g in got] == ["mid", "new"]
+        assert await q.put(make_group("older", [0.1, 0.2], version=0)) == "stale"
+        assert q.stats()["refused"]["stale"] == 2
+        assert await q.set_version(1) == 0  # versions never go back
+        assert q.current_version == 2
+
+    run(main())
+
+
+def test_duplicate_refused_even_after_consumption() -> None:
+    async def main() -> None:
+        q = ReplayQueue(capacity=4, max_staleness=0)
+        g = make_group("same", [0.1, 0.2])
+        assert await q.put(g) == "accepted"
+        assert await q.put(g) == "duplicate"
+        await q.get(1, 0)
+        assert await q.put(g) == "duplicate"
+        assert q.stats()["refused"]["duplicate"] == 2
+
+    run(main())
+
+
+def test_incomplete_groups_refused() -> None:
+    async def main() -> None:
+        q = ReplayQueue(capacity=4, max_staleness=0)
+        g = make_group("part", [0.1, 0.2, 0.3])
+        missing = dataclasses.replace(g, samples=g.samples[:2])
+        assert await q.put(missing) == "incomplete"
+        repeated = dataclasses.replace(g, samples=(g.samples[0], g.samples[0], g.samples[2]))
+        assert await q.put(repeated) == "incomplete"
+        foreign = dataclasses.replace(g, samples=(*g.samples[:2], make_group("x", [0.1, 0.2, 0.3]).samples[2]))
+        assert await q.put(foreign) == "incomplete"
+        assert q.stats()["refused"]["incomplete"] == 3
+        # A refusal does not burn the id: the complete group is still welcome.
+        assert await q.put(g) == "accepted"
+
+    run(main())
+
+
+def test_snapshot_restore_is_lossless() -> None:
+    async def main() -> None:
+        q = ReplayQueue(capacity=8, max_staleness=3)
+        groups = make_groups(4, version=1)
+        # Edge cases of the records: a judge failure (reward None), a format error (mode None), messages.
+        groups.append(make_group("edge", [None, -2.0, 0.5], modes=[2, None, 3], version=1))
+        msg_req = GroupRequest(
+            group_id="msg", state_id="s", messages=({"role": "user", "content": "hi"},), sampling=SamplingSpec(n=2)
+        )
+        with_messages = make_group("msg", [0.3, 0.4], version=1)
+        groups.append(dataclasses.replace(with_messages, request=msg_req))
+        for g in groups:
+            assert await q.put(g) == "accepted"
+        await q.get(1, current_version=1)
+        snap = q.snapshot()
+        assert isinstance(snap.arrow, bytes) and isinstance(snap.meta, str)
+
+        fresh = ReplayQueue(capacity=8, max_staleness=3)
+        assert await fresh.restore(dataclasses.asdict(snap)) == 5
+        assert fresh.current_version == 1
+        restored = await fresh.get(5, current_version=1)
+        assert restored == groups[1:]
+        # The consumed group's id survives the restore: re-sending it is still a duplicate.
+        assert await fresh.put(groups[0]) == "duplicate"
+        assert fresh.stats()["consumed"] == 6
+
+    run(main())
+
+
+def test_group_request_json_round_trip() -> None:
+    import json
+
+    req = make_group("r", [0.1]).request
+    assert group_request_from_dict(json.loads(json.dumps(group_request_to_dict(req)))) == req
+    table = scored_groups_to_table([make_group("r", [0.1])])
+    assert table.num_rows == 1
+
+
+def test_restore_rejects_unknown_format() -> None:
+    q = ReplayQueue(capacity=2, max_staleness=0)
+    with pytest.raises(ValueError, match="format"):
+        run(q.restore(QueueSnapshot(arrow=b"", meta='{"format": 99}')))
+
+
+@pytest.mark.slow
+def test_queue_actor_backpressure_between_callers(ray_local) -> None:
+    ray = ray_local
+    q = create_replay_queue(capacity=1, max_staleness=0)
+    a, b = make_groups(2)
+    assert ray.get(q.put.remote(a), timeout=30) == "accepted"
+    blocked = q.put.remote(b)
+    ready, _ = ray.wait([blocked], timeout=0.5)
+    assert not ready  # the producer is held back while the queue is full
+    got = ray.get(q.get.remote(1, 0), timeout=30)
+    assert [g.group_id for g in got] == ["g0"]
+    assert ray.get(blocked, timeout=30) == "accepted"
+    snap = ray.get(q.snapshot.remote(), timeout=30)
+    assert ray.get(q.stats.remote(), timeout=30)["depth"] == 1
+    other = create_replay_queue(capacity=1, max_staleness=0)
+    assert ray.get(other.restore.remote(snap), timeout=30) == 1
+    assert [g.group_id for g in ray.get(other.get.remote(1, 0), timeout=30)] == ["g1"]
+    ray.kill(q)
+    ray.kill(other)
