@@ -8,10 +8,12 @@ under the gather.
 
 Two transports (``rollout.weight_transport``), both against the rollout actor's contract in ``actors/``:
 
-* ``object_store``: the ranks stream their weights tensor by tensor and rank 0 serialises them into one
-  safetensors blob (``actors.weights.serialize_weights``), returned as a Ray object; each actor gets
-  ``update_weights(version, <that object>)``. Ray resolves the reference on the actor's side, so the driver never
-  holds or waits for the blob.
+* ``object_store``: the ranks stream their weights tensor by tensor and rank 0 writes each one straight into a
+  preallocated safetensors buffer (:class:`SafetensorsBlob`, the same format ``actors.weights.serialize_weights``
+  makes, which would first collect every tensor and then copy them into the blob: 2× the weights on rank 0). The
+  buffer is a ``bytearray``, which Ray hands to the object store without another copy (pickle protocol 5,
+  out of band); each actor gets ``update_weights(version, <that object>)`` and Ray resolves the reference on the
+  actor's side, so the driver never holds or waits for the blob. Rank 0 peaks at the blob plus one tensor.
 * ``broadcast``: rank 0 and every rollout engine worker form a weight group once (``connect``); per push each actor
   enters ``receive_weights(version, specs, bucket_bytes)`` and rank 0 sends bucket by bucket as the gather
   proceeds (:class:`BroadcastSender`), so rank 0 holds one bucket, never the whole model.
@@ -26,7 +28,10 @@ deadline is logged as an error, counted in ``ampo_weight_push_failures_total`` a
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
+import math
+import struct
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -37,7 +42,7 @@ import ray
 import torch
 from ray.util.metrics import Counter, Histogram
 
-__all__ = ["BroadcastSender", "PushReport", "WeightPublisher", "WeightPushError"]
+__all__ = ["BroadcastSender", "PushReport", "SafetensorsBlob", "WeightPublisher", "WeightPushError"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,65 @@ class PushReport:
             return f"weights v{self.version} reached {len(self.seconds)} actor(s) in at most {worst:.2f} s"
         problems = "; ".join(f"actor {i}: {why}" for i, why in sorted(self.failures.items()))
         return f"weight push v{self.version} failed: {problems}"
+
+
+_SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+class SafetensorsBlob:
+    """A safetensors file assembled in one preallocated buffer, tensor by tensor, in the order of ``specs``.
+
+    The header is known from the specs alone (names, dtypes, shapes), so each tensor can be copied into its slot
+    the moment it is gathered and dropped: no dict of tensors is ever held. ``safetensors.torch.load(bytes(blob))``
+    reads the result like any safetensors file.
+    """
+
+    def __init__(self, specs: list[WeightSpec]) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self._slots: dict[str, tuple[int, int, str, list[int]]] = {}
+        offset = 0
+        for name, dtype, shape in specs:
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{name}: dtype {dtype!r} has no safetensors code")
+            size = math.prod(shape) * getattr(torch, dtype).itemsize
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._slots[name] = (offset, offset + size, dtype, list(shape))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+        self._buffer = bytearray(8 + len(raw) + offset)
+        struct.pack_into("<Q", self._buffer, 0, len(raw))
+        self._buffer[8 : 8 + len(raw)] = raw
+        self._data = torch.frombuffer(self._buffer, dtype=torch.uint8, offset=8 + len(raw)) if offset else None
+        self._missing = set(self._slots)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one tensor into its slot (dtype and shape must match its spec)."""
+        if name not in self._missing:
+            raise ValueError(f"{name!r} is not an unwritten tensor of this blob")
+        start, end, dtype, shape = self._slots[name]
+        if str(tensor.dtype).removeprefix("torch.") != dtype or list(tensor.shape) != shape:
+            raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, the spec says {dtype} {shape}")
+        if end > start and self._data is not None:
+            self._data[start:end].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+        self._missing.discard(name)
+
+    def finish(self) -> bytearray:
+        """The complete file; raises if a tensor of the specs was never written."""
+        if self._missing:
+            raise ValueError(f"{len(self._missing)} tensor(s) never written, e.g. {sorted(self._missing)[:3]}")
+        return self._buffer
 
 
 class BroadcastSender:

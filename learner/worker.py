@@ -394,20 +394,21 @@ class LearnerWorker:
             yield hf_name(name), (full.detach().to("cpu") if self.rank == 0 else None)
             del full
 
-    def weights_blob(self, dtype: str | None = None) -> bytes | None:
-        """The full weights as one safetensors blob (``actors.weights.serialize_weights``) on rank 0, None elsewhere.
+    def weights_blob(self, dtype: str | None = None) -> bytearray | None:
+        """The full weights as one safetensors file on rank 0 (None elsewhere), for the object-store push.
 
-        A collective. Rank 0 holds the gathered tensors and then the blob (about 2× the weights at the peak);
-        the other ranks hold one tensor at a time. The broadcast transport avoids even that (one bucket at a time).
+        A collective. Rank 0 writes each gathered tensor into a preallocated buffer at once
+        (:class:`learner.publish.SafetensorsBlob`): its peak is the blob plus one tensor; the other ranks hold one
+        tensor at a time. The ``bytearray`` reaches the object store without another copy.
         """
-        from actors.weights import serialize_weights
+        from learner.publish import SafetensorsBlob
 
-        weights = self.full_weights(dtype)
-        if self.rank != 0:
-            for _ in weights:
-                pass
-            return None
-        return serialize_weights((name, tensor) for name, tensor in weights if tensor is not None)
+        specs = self.weight_specs(dtype)
+        blob = SafetensorsBlob(specs) if self.rank == 0 else None
+        for name, tensor in self.full_weights(dtype):
+            if blob is not None and tensor is not None:
+                blob.write(name, tensor)
+        return None if blob is None else blob.finish()
 
     def open_weight_sender(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> None:
         """Rank 0: become the sender (rank 0) of a broadcast weight group; blocks until the receivers join."""
