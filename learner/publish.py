@@ -146,11 +146,17 @@ class BroadcastSender:
     it as one buffer (a subset that forms one planned bucket is planned as that same single bucket).
     """
 
-    def __init__(self, master_addr: str, master_port: int, world_size: int, backend: str, timeout_s: float) -> None:
+    def __init__(self, broadcaster: Any, address: tuple[str, int, int]) -> None:
+        self._broadcaster = broadcaster
+        self.address = address
+
+    @classmethod
+    def open(cls, master_addr: str, master_port: int, world_size: int, backend: str, timeout_s: float) -> BroadcastSender:
+        """Form the weight group as its rank 0; blocks until every receiver has joined (or ``timeout_s``)."""
         from actors.weights import WeightBroadcaster
 
-        self.address = (master_addr, master_port, world_size)
-        self._broadcaster = WeightBroadcaster(master_addr, master_port, world_size, backend, timeout_s)
+        broadcaster = WeightBroadcaster(master_addr, master_port, world_size, backend, timeout_s)
+        return cls(broadcaster, (master_addr, master_port, world_size))
 
     def send(
         self, specs: list[WeightSpec], weights: Iterable[tuple[str, torch.Tensor | None]], bucket_bytes: int
@@ -247,7 +253,8 @@ class WeightPublisher:
         opened = workers[0].open_weight_sender.remote(addr, port, world, self.timeout_s)
         ray.get([opened, *joins], timeout=self.timeout_s)
         self._group = (addr, port, world)
-        self._specs = ray.get(workers[0].weight_specs.remote(self.dtype), timeout=self.timeout_s)
+        # On every rank: reading the state dict reshards FSDP's root, and the ranks must stay in the same state.
+        self._specs = ray.get([w.weight_specs.remote(self.dtype) for w in workers], timeout=self.timeout_s)[0]
         log.info("weight group formed at %s:%d with %d members", addr, port, world)
 
     # ----------------------------------------------------------------------------------------------- pushes

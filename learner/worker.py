@@ -374,7 +374,11 @@ class LearnerWorker:
     # ------------------------------------------------------------------------------------------------ weights out
 
     def weight_specs(self, dtype: str | None = None) -> list[tuple[str, str, list[int]]]:
-        """``(hf name, dtype name, shape)`` of every tensor :meth:`full_weights` yields, without gathering."""
+        """``(hf name, dtype name, shape)`` of every tensor :meth:`full_weights` yields, without gathering.
+
+        No collective, but reading the state dict reshards FSDP's root module if a forward left it unsharded:
+        call it on every rank (or the ranks' next forward passes issue different all-gathers).
+        """
         specs = []
         for name, tensor in self._publishable_state():
             out_dtype = _torch_dtype(dtype) if dtype else tensor.dtype
@@ -417,7 +421,7 @@ class LearnerWorker:
         if self.rank != 0:
             raise RuntimeError(f"only rank 0 sends weights, this is rank {self.rank}")
         self._close_sender()
-        self._sender = BroadcastSender(master_addr, master_port, world_size, self.backend, timeout_s)
+        self._sender = BroadcastSender.open(master_addr, master_port, world_size, self.backend, timeout_s)
 
     def broadcast_weights(self, bucket_bytes: int, dtype: str | None = None) -> int:
         """Take part in a broadcast push (a collective over the learner ranks): every rank gathers, rank 0 sends
