@@ -16,13 +16,16 @@ Both become `RLState`. Every validation error names the file, the row and the fi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from actors.prompts import dialog_line, open_slot, remove_tags, render_turn_prompt, speaker_of
+from actors.sotopia import SotopiaDataset
 
 
 class StateScores(BaseModel):
@@ -306,3 +309,33 @@ def load_hub_states(dataset: str, filename: str, revision: str | None = None) ->
 
     local = hf_hub_download(repo_id=dataset, filename=filename, repo_type="dataset", revision=revision)
     return read_states(local)
+
+
+def make_state(
+    dataset: SotopiaDataset,
+    episode_id: int,
+    utterances: Sequence[str],
+    prior: tuple[float, float],
+    *,
+    rollout: int = 0,
+    hide_private_info: bool = False,
+) -> RLState:
+    """The state at turn `len(utterances)` of episode `episode_id`: the dialogue so far (quoted utterances,
+    agent1 first) plus the open slot of whoever speaks next, with the judge's goal scores `prior` of it."""
+    env, agent1, agent2 = dataset.episode(episode_id)
+    turn = len(utterances)
+    names = (agent1.name, agent2.name)
+    dialog = [dialog_line(t, names[speaker_of(t) - 1], u) for t, u in enumerate(utterances)]
+    dialog.append(open_slot(turn, names[speaker_of(turn) - 1]))
+    return RLState(
+        env_id=episode_id,
+        turn=turn,
+        dialog=tuple(dialog),
+        instruction=render_turn_prompt(env, agent1, agent2, turn, dialog, hide_private_info=hide_private_info),
+        agent1_name=agent1.name,
+        agent2_name=agent2.name,
+        agent1_goal=remove_tags(env.agent_goals[0]),
+        agent2_goal=remove_tags(env.agent_goals[1]),
+        prior=StateScores(agent1=prior[0], agent2=prior[1]),
+        rollout=rollout,
+    )

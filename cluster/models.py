@@ -154,15 +154,16 @@ def build_tiny_model(
     vocab_size: int = 512,
     hidden_size: int = 64,
     num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
     max_position_embeddings: int = 4096,
     tie_word_embeddings: bool = True,
     seed: int = 0,
 ) -> Path:
     """Write a randomly initialised Llama causal LM and a byte-level BPE tokenizer with a chat template
     to `out` (HF layout, fp32 safetensors). Offline and fast (about a second). Embeddings are tied, like
-    SmolLM2's, so weight-push tests exercise the tied lm_head path."""
+    SmolLM2's, so weight-push tests exercise the tied lm_head path. The default head size is 32
+    (hidden 64 / 2 heads), the smallest vLLM's CPU attention backend supports."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -49,7 +49,7 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
         "Tests: a tiny random model built by the test fixtures (rollout.model is set by the test).",
         [
             "cluster.address=local",
-            "cluster.num_cpus=2",
+            
             "cluster.run_dir=runs/tiny",
             "rollout.dtype=float32",
             "rollout.max_model_len=4096",

@@ -1,0 +1,109 @@
+"""Joining or starting Ray, and placing the roles.
+
+Local mode starts a private single-node Ray whose every listener (GCS, raylets, object manager, the
+metrics agent) is on 127.0.0.1. Ray 2.60 enables token authentication by default: a locally started
+instance generates its token in `~/.ray/auth_token` and the driver uses it, so nothing needs opening up.
+On a cluster (`ray job submit`), `address: auto` joins the cluster the job runs in.
+
+Roles are placed with one placement group each (GPU bundles for rollout and learner, CPU bundles for
+the reward pool), so Ray can put them on different nodes of a multi-node cluster while every bundle of
+one role is reserved at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import Config
+
+log = logging.getLogger(__name__)
+
+# Environment every Ray worker of a run inherits: in-process vLLM engines (2 s start, one process) and
+# no tokenizer thread pools fighting the engine for the few cores of a CPU machine.
+WORKER_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def connect(config: Config) -> dict[str, Any]:
+    """Start or join Ray as `cluster.address` says; returns what `ray.init` reported."""
+    if ray.is_initialized():
+        return {}
+    env = dict(WORKER_ENV)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = config.rollout.cpu_omp_threads_bind
+    runtime_env = {"env_vars": env}
+    if config.cluster.address == "local":
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        needed = _logical_cpus_needed(config)
+        num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, needed)
+        log.info("starting a local Ray instance on 127.0.0.1 with %d logical CPUs", num_cpus)
+        context = ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _metrics_export_port=config.logging.metrics_port or None,
+            runtime_env=runtime_env,
+            log_to_driver=config.logging.level == "DEBUG",
+        )
+    else:
+        log.info("joining the Ray cluster at %s", config.cluster.address)
+        context = ray.init(address=config.cluster.address, runtime_env=runtime_env)
+    return dict(context.address_info) if context else {}
+
+
+def _logical_cpus_needed(config: Config) -> int:
+    """Logical CPUs the roles reserve (plus one for the driver's own tasks). They are logical: on a small
+    machine the actors share the physical cores, which is fine since they take turns being busy."""
+    bundles = role_bundles(config)
+    return math.ceil(sum(b["CPU"] for role in bundles.values() for b in role)) + 1
+
+
+@dataclass
+class RolePlacement:
+    """A role's placement group and the options that put actor i into bundle i."""
+
+    name: str
+    group: PlacementGroup
+
+    def options(self, index: int) -> dict[str, Any]:
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.group, placement_group_bundle_index=index
+            )
+        }
+
+
+def place_role(name: str, bundles: list[dict[str, float]], strategy: str = "PACK", timeout_s: float = 300.0) -> RolePlacement:
+    """Reserve `bundles` for one role; a clear error names the role if the cluster cannot fit it."""
+    group = placement_group(bundles, strategy=strategy, name=f"ampo-{name}")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise RuntimeError(
+            f"the cluster cannot place the {name} role ({len(bundles)} bundles of {bundles[0]}) within "
+            f"{timeout_s:.0f} s; available resources: {ray.available_resources()}"
+        )
+    return RolePlacement(name, group)
+
+
+def role_bundles(config: Config) -> dict[str, list[dict[str, float]]]:
+    """Resource bundles per role from the config."""
+
+    def bundle(cpus: float, gpus: float) -> dict[str, float]:
+        return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+
+    return {
+        "rollout": [bundle(1, config.cluster.rollout_gpus_per_actor)] * config.rollout.num_actors,
+        "learner": [bundle(1, config.cluster.learner_gpus_per_rank)] * config.learner.num_ranks,
+        "reward": [bundle(config.cluster.reward_cpus_per_actor, 0)] * config.reward.num_actors,
+    }
