@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,6 +47,9 @@ class JudgeConfig(BaseModel):
     """Completion budget of one judge answer."""
     structured_output: bool = True
     """Ask the server for JSON matching the answer schema (vLLM supports it), so even a weak judge parses."""
+    structured_output_field: Literal["structured_outputs", "response_format"] = "structured_outputs"
+    """How the schema is sent: vLLM's `structured_outputs` request extension, or the standard OpenAI
+    `response_format` of type json_schema (accepted by the OpenAI API and by vLLM)."""
 
 
 class RewardConfig(BaseModel):

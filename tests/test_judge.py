@@ -1,0 +1,279 @@
+"""The judge client and its prompts: prompt text, JSON extraction and range checks, key handling, and behaviour
+against the fault-injecting HTTP server (retries, Retry-After, timeouts, parse rounds, concurrency limit)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+import pytest
+from judge_fixtures import DIALOG, judge_config, make_context
+
+from reward.fault_server import FaultConfig, FaultServer
+from reward.judge import (
+    AnswerError,
+    JudgeClient,
+    extract_json_object,
+    load_api_key,
+    parse_goal_scores,
+    retry_after_seconds,
+)
+from reward.prompts import GOAL_SCHEMA, actor_of_turn, build_history, goal_prompt
+
+# ---- prompts ----------------------------------------------------------------------------------------------------
+
+
+def test_history_appends_the_answer_to_the_open_slot():
+    expected = (
+        'Turn 0: Ana Lopez said: "Hi Ben, could I borrow your bike this weekend?"\n'
+        'Turn 1: Ben Okafor said: "Maybe. What do you need it for?"\n'
+        'Turn 2: Ana Lopez said: "To visit my aunt, I will bring it back Sunday."'
+    )
+    assert build_history(DIALOG, '"To visit my aunt, I will bring it back Sunday."') == expected
+    assert build_history(["Turn 0: Ana Lopez said:"], '"Hi"') == 'Turn 0: Ana Lopez said: "Hi"'
+    with pytest.raises(ValueError):
+        build_history([], '"Hi"')
+
+
+def test_goal_prompt_structure():
+    prompt = goal_prompt(make_context(), '"Sure."')
+    history_end = prompt.index('Turn 2: Ana Lopez said: "Sure."')
+    # history first, then the participants with names and goals, then the rubric and the JSON format
+    order = [
+        history_end,
+        prompt.index("Agent1: Ana Lopez"),
+        prompt.index("Agent1's goal: Borrow Ben's bike for the weekend."),
+        prompt.index("Agent2: Ben Okafor"),
+        prompt.index("Agent2's goal: Keep the bike safe without upsetting Ana."),
+        prompt.index("between 0 and 10"),
+        prompt.index('{"agent1": {"reasoning"'),
+    ]
+    assert order == sorted(order)
+    assert prompt.startswith('Turn 0: Ana Lopez said: "Hi Ben')
+    with pytest.raises(KeyError, match="agent2_goal"):
+        goal_prompt({k: v for k, v in make_context().items() if k != "agent2_goal"}, '"x"')
+    assert GOAL_SCHEMA["required"] == ["agent1", "agent2"]
+    assert [actor_of_turn(t) for t in range(4)] == ["agent1", "agent2", "agent1", "agent2"]
+
+
+# ---- parsing ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"agent1": {"reasoning": "a", "score": 7}, "agent2": {"reasoning": "b", "score": 3}}',
+        'Sure! ```json\n{"agent1": {"reasoning": "a", "score": "7"}, "agent2": {"reasoning": "b", "score": 3.0}}\n```',
+        '{"agent1": {"reasoning": "tab\there", "score": 7}, "agent2": {"score": 3}} and {trailing}',
+    ],
+)
+def test_goal_scores_are_extracted_tolerantly(text):
+    scores = parse_goal_scores(text)
+    assert (scores.agent1, scores.agent2) == (7.0, 3.0)
+    assert scores.of("agent1") == 7.0 and scores.of("agent2") == 3.0
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("no json here", "unparseable"),
+        ('{"agent1": {"reasoning": "a", "score": 7}, "agent2": {"reasoning": "', "unparseable"),
+        ("[1, 2]", "unparseable"),
+        ('{"agent1": {"score": 7}}', "unparseable"),
+        ('{"agent1": {"score": "seven"}, "agent2": {"score": 3}}', "unparseable"),
+        ('{"agent1": {"score": true}, "agent2": {"score": 3}}', "unparseable"),
+        ('{"agent1": {"score": 11}, "agent2": {"score": 3}}', "out_of_range"),
+        ('{"agent1": {"score": 5}, "agent2": {"score": -0.5}}', "out_of_range"),
+        ('{"agent1": {"score": NaN}, "agent2": {"score": 3}}', "out_of_range"),
+    ],
+)
+def test_bad_goal_answers_are_typed(text, kind):
+    with pytest.raises(AnswerError) as info:
+        parse_goal_scores(text)
+    assert info.value.kind == kind
+
+
+def test_extract_json_object_prefers_the_greedy_span_then_the_first_object():
+    assert extract_json_object('x {"a": {"b": 1}} y') == {"a": {"b": 1}}
+    assert extract_json_object('{"a": 1} then {"b": 2}') == {"a": 1}
+
+
+def test_retry_after_header_forms():
+    assert retry_after_seconds({"retry-after-ms": "250"}) == 0.25
+    assert retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert retry_after_seconds({}) is None
+    assert retry_after_seconds({"retry-after": "soon"}) is None
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < retry_after_seconds({"retry-after": future}) <= 30
+
+
+# ---- key handling -------------------------------------------------------------------------------------------------
+
+
+def test_api_key_from_env_or_file_and_never_shown(tmp_path, monkeypatch):
+    secret = "sk-test-very-secret-123"
+    config = judge_config("http://127.0.0.1:9/v1", api_key_env="AMPO_TEST_KEY")
+    monkeypatch.delenv("AMPO_TEST_KEY", raising=False)
+    assert load_api_key(config) is None
+    monkeypatch.setenv("AMPO_TEST_KEY", secret)
+    assert load_api_key(config) == secret
+    client = JudgeClient(config)
+    assert secret not in repr(client) and secret not in str(client)
+    assert secret not in config.model_dump_json()
+
+    monkeypatch.delenv("AMPO_TEST_KEY")
+    key_file = tmp_path / "key"
+    key_file.write_text(secret + "\n")
+    assert load_api_key(config.model_copy(update={"api_key_file": key_file})) == secret
+    with pytest.raises(ValueError, match="cannot be read") as info:
+        load_api_key(config.model_copy(update={"api_key_file": tmp_path / "missing"}))
+    assert secret not in str(info.value)
+
+
+def test_local_endpoint_needs_a_started_server():
+    with pytest.raises(ValueError, match="JudgeServer"):
+        JudgeClient(judge_config("local"))
+
+
+# ---- against the fault server --------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_retry_after_is_honoured():
+    retry_after = 0.4
+    config = FaultConfig(script=["rate_limited", "rate_limited", "ok"], retry_after_s=retry_after)
+    with FaultServer(config) as server:
+
+        async def run():
+            async with JudgeClient(judge_config(server.base_url, backoff_max_s=5.0)) as client:
+                started = time.monotonic()
+                result = await client.goal_scores("p")
+                return result, time.monotonic() - started, client.stats()
+
+        result, elapsed, stats = asyncio.run(run())
+        arrivals = [entry.arrived for entry in server.log]
+    assert result.ok and result.calls == 3
+    assert elapsed >= 2 * retry_after
+    assert all(b - a >= retry_after - 0.01 for a, b in zip(arrivals, arrivals[1:]))
+    assert stats.errors == {"rate_limited": 2} and stats.retries == 2 and stats.calls == 3
+
+
+@pytest.mark.timeout(30)
+def test_rate_limit_gives_up_after_max_retries():
+    with FaultServer(FaultConfig(script=["rate_limited"] * 10, retry_after_s=0.05)) as server:
+
+        async def run():
+            async with JudgeClient(judge_config(server.base_url, max_retries=3)) as client:
+                return await client.goal_scores("p"), client.stats()
+
+        result, stats = asyncio.run(run())
+    assert result.failure == "rate_limited" and result.value is None and result.calls == 4
+    assert stats.failures == {"rate_limited": 1} and stats.errors == {"rate_limited": 4}
+
+
+@pytest.mark.timeout(30)
+def test_timeouts_end_in_bounded_time():
+    with FaultServer(FaultConfig(script=["timeout"] * 10, hang_s=20)) as server:
+
+        async def run():
+            async with JudgeClient(judge_config(server.base_url, timeout_s=0.3, max_retries=2)) as client:
+                started = time.monotonic()
+                return await client.goal_scores("p"), time.monotonic() - started
+
+        result, elapsed = asyncio.run(run())
+        stop_started = time.monotonic()
+    assert time.monotonic() - stop_started < 5  # the hanging handlers did not delay shutdown
+    assert result.failure == "timeout" and result.calls == 3
+    # 3 attempts x 0.3 s + 2 backoffs <= 0.1 s each, plus slack for a loaded machine
+    assert 0.9 <= elapsed < 3.0
+
+
+@pytest.mark.timeout(30)
+def test_parse_rounds_switch_to_temperature_one():
+    script = ["unparseable", "out_of_range", "unparseable", "ok"]
+    with FaultServer(FaultConfig(script=script)) as server:
+
+        async def run():
+            async with JudgeClient(judge_config(server.base_url, parse_rounds=5, greedy_rounds=2)) as client:
+                return await client.goal_scores("p"), client.stats()
+
+        result, stats = asyncio.run(run())
+        log = server.log
+    assert result.ok and result.rounds == 4
+    assert [entry.temperature for entry in log] == [0.0, 0.0, 1.0, 1.0]
+    assert all(entry.structured for entry in log)
+    assert stats.errors == {"unparseable": 2, "out_of_range": 1} and stats.retries == 3
+
+
+@pytest.mark.timeout(30)
+def test_unparseable_after_all_rounds_is_a_failure_not_a_score():
+    with FaultServer(FaultConfig(script=["unparseable"] * 10)) as server:
+
+        async def run():
+            async with JudgeClient(judge_config(server.base_url, parse_rounds=3, structured_output=False)) as client:
+                return await client.goal_scores("p")
+
+        result = asyncio.run(run())
+        log = server.log
+    assert result.failure == "unparseable" and result.value is None and result.calls == 3 and result.text
+    assert not any(entry.structured for entry in log)
+
+
+@pytest.mark.timeout(30)
+def test_transport_errors_are_retried_then_reported():
+    script = ["server_error", "connection", "bad_response", "ok"]
+    with FaultServer(FaultConfig(script=script)) as server:
+
+        async def run():
+            async with JudgeClient(judge_config(server.base_url, max_retries=3)) as client:
+                return await client.goal_scores("p"), client.stats()
+
+        result, stats = asyncio.run(run())
+    assert result.ok and result.calls == 4
+    assert stats.errors == {"server_error": 1, "connection": 1, "bad_response": 1}
+
+
+@pytest.mark.timeout(30)
+def test_connection_refused_fails_fast():
+    async def run():
+        # Port 9 (discard) is closed on loopback: every attempt is refused at once.
+        async with JudgeClient(judge_config("http://127.0.0.1:9/v1", max_retries=2)) as client:
+            started = time.monotonic()
+            return await client.goal_scores("p"), time.monotonic() - started
+
+    result, elapsed = asyncio.run(run())
+    assert result.failure == "connection" and result.calls == 3 and elapsed < 3
+
+
+@pytest.mark.timeout(30)
+def test_concurrency_limit_holds():
+    with FaultServer(FaultConfig(latency_s=0.2)) as server:
+
+        async def run():
+            async with JudgeClient(judge_config(server.base_url, max_concurrency=3)) as client:
+                started = time.monotonic()
+                results = await asyncio.gather(*(client.goal_scores(f"p{i}") for i in range(9)))
+                return results, time.monotonic() - started
+
+        results, elapsed = asyncio.run(run())
+        assert server.max_concurrent == 3
+    assert all(r.ok for r in results)
+    assert elapsed >= 3 * 0.2
+
+
+@pytest.mark.timeout(30)
+def test_response_format_field_and_hashed_scores_are_deterministic():
+    with FaultServer(FaultConfig()) as server:
+
+        async def run():
+            config = judge_config(server.base_url, structured_output_field="response_format")
+            async with JudgeClient(config) as client:
+                return await client.goal_scores("same"), await client.goal_scores("same")
+
+        first, second = asyncio.run(run())
+        assert server.log[0].structured
+    assert first.value == second.value
+    assert json.loads(first.text)["agent1"]["score"] == first.value.agent1
+    assert not math.isnan(first.value.agent2)
