@@ -1,0 +1,115 @@
+"""Weight-push latency into a live vLLM rollout actor ÷ an in-process copy of the same tensors.
+
+Setup: the embedded default policy (SmolLM2-135M-Instruct, the model local mode trains), one learner rank (FSDP2,
+fp32 master weights) and one rollout actor serving it in bfloat16, as ``configs/local.yaml`` does. A push is
+``LearnerGroup.publish(v)``: the rank streams its weights (cast to bfloat16) into a safetensors blob or the
+broadcast buckets, the actor receives them, pauses generation, reloads its layers and resumes; the latency is
+publish → the actor's acknowledgement (``PushReport.seconds``). The baseline is the least a weight update can
+cost: ``load_state_dict`` of the same bfloat16 tensors into a transformers model in this process. The two alternate
+round by round; the ratio uses medians. Goal: ≤ 3×.
+
+Also printed: the learner's share (gather + serialise, ``PushReport.gather_seconds``) and the actor's own share,
+timed by sending it a blob that is already in the object store.
+
+Run from the repository root: ``.venv/bin/python bench/weight_push.py`` (converts the embedded model once if needed);
+the last line is ``RESULT weight_push_ratio=<object-store push seconds ÷ in-process copy seconds>``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROUNDS = 5
+PUSH_DTYPE = "bfloat16"
+
+
+def main() -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+    import safetensors.torch
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.config import RolloutConfig
+    from actors.rollout import create_rollout_actors
+    from cluster.models import prepare_embedded_model
+    from learner.config import AlgorithmConfig, LearnerConfig
+    from learner.group import LearnerGroup
+
+    model_path = prepare_embedded_model()
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    rollout = RolloutConfig(
+        model=str(model_path),
+        dtype=PUSH_DTYPE,
+        max_model_len=512,
+        max_num_batched_tokens=512,
+        kv_cache_memory_bytes=64 << 20,
+        weight_update_timeout_s=120.0,
+        max_restarts=0,
+    )
+    (actor,) = create_rollout_actors(rollout, model_path, num=1, num_cpus=1)
+    learner = LearnerConfig(num_ranks=1, mixed_precision="fp32", gradient_checkpointing=False)
+    group = LearnerGroup(learner, model_path, algorithm=AlgorithmConfig(kl_coef=0.0))
+    ray.get(actor.health.remote(), timeout=300)
+
+    # The baseline's tensors: the same names, shapes and dtype as a push carries.
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, PUSH_DTYPE))
+    tensors = {k: v.clone() for k, v in reference.state_dict().items()}
+    megabytes = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+    blob_ref = ray.put(bytearray(safetensors.torch.save({k: v for k, v in tensors.items() if k != "lm_head.weight"})))
+
+    def in_process_copy() -> float:
+        start = time.perf_counter()
+        reference.load_state_dict(tensors)
+        return time.perf_counter() - start
+
+    version = 0
+    results: dict[str, list[float]] = {"object_store": [], "broadcast": [], "copy": [], "gather": [], "actor_only": []}
+    for transport in ("object_store", "broadcast"):
+        group.connect_rollout([actor], rollout.model_copy(update={"weight_transport": transport}))
+        version += 1
+        group.publish(version).result(timeout=300)  # warm-up
+        for _ in range(ROUNDS):
+            version += 1
+            report = group.publish(version).result(timeout=300)
+            if not report.ok:
+                raise RuntimeError(report.describe())
+            results[transport].append(max(report.seconds.values()))
+            if transport == "object_store":
+                results["gather"].append(report.gather_seconds or 0.0)
+                version += 1
+                start = time.perf_counter()
+                ray.get(actor.update_weights.remote(version, blob_ref), timeout=300)
+                results["actor_only"].append(time.perf_counter() - start)
+            results["copy"].append(in_process_copy())
+    group.shutdown()
+    ray.get(actor.shutdown.remote(), timeout=60)
+    ray.shutdown()
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"model: {model_path.name}, {megabytes:.0f} MB in {PUSH_DTYPE}; {ROUNDS} rounds per transport (medians)")
+    print(f"in-process load_state_dict: {med['copy'] * 1e3:.0f} ms")
+    print(
+        f"object-store push: {med['object_store'] * 1e3:.0f} ms "
+        f"(learner gather + serialise {med['gather'] * 1e3:.0f} ms; the actor alone on a ready blob {med['actor_only'] * 1e3:.0f} ms)"
+    )
+    print(f"broadcast push: {med['broadcast'] * 1e3:.0f} ms")
+    print(f"broadcast ratio: {med['broadcast'] / med['copy']:.2f}")
+    print(f"RESULT weight_push_ratio={med['object_store'] / med['copy']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
