@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from cluster.commands import register_pipeline_commands
 from cluster.config import ConfigError, config_template, dump_config, load_config
 
 log = logging.getLogger("ampo")
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model_sub.add_parser("prepare", help="convert the embedded SmolLM2 GGUF into a HF folder (cached)")
     prepare.add_argument("--force", action="store_true", help="convert again even if the cache is complete")
 
+    register_pipeline_commands(sub)
+
     run = sub.add_parser("run", help="run the main local job on the configured model")
     _add_config_args(run)
     run.add_argument("--prompt", default="Say hello to a new colleague in one sentence.")
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             print(prepare_embedded_model(force=args.force))
         elif args.command == "run":
             return _run(args)
+        else:
+            return args.handler(args)
     except ConfigError as exc:
         print(f"ampo: config error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ How the driver keeps every stage busy and every group accounted for:
   the queue. A rollout or reward actor that dies is restarted by Ray (`max_restarts`); the driver re-sends
   the group it held (counted as resubmitted) and, for a rollout actor, first brings the restarted engine
   to the current weights. A group is therefore generated, scored and queued exactly once.
-* **Accounting**: `generated = scored = consumed + refused + queued + (scored but being put)`; the summary
+* **Accounting**: `generated = scored = consumed + refused + dropped + waiting in the queue` at the end of a
+  run (refused: turned away at put; dropped: accepted, then too stale once the learner moved on); the summary
   and `ampo_driver_groups_total{stage}` report each count.
 * **Resume**: a checkpoint stores the data cursor (epoch, position in the seeded order, the ids of groups
   issued but not yet in the queue) together with the queue's waiting groups. On resume the in-flight
@@ -109,6 +110,9 @@ class Counts:
     scored: int = 0
     queued: int = 0
     refused: int = 0
+    """Refused by the queue at put (too stale or a duplicate)."""
+    dropped: int = 0
+    """Accepted, then dropped from the queue because a newer policy made them too stale."""
     consumed: int = 0
     resubmitted_rollout: int = 0
     resubmitted_reward: int = 0
@@ -272,6 +276,7 @@ class TrainingDriver:
         bundles = role_bundles(config)
         rollout_place = place_role("rollout", bundles["rollout"])
         learner_place = place_role("learner", bundles["learner"])
+        self.placements = [rollout_place, learner_place]
         from actors.rollout import RolloutActor
 
         remote = ray.remote(RolloutActor)
@@ -326,6 +331,7 @@ class TrainingDriver:
             ("reward_pool", lambda: self.reward_pool.shutdown()),
             ("rollout_actors", lambda: [ray.kill(a) for a in self.rollout_actors]),
             ("queue", lambda: ray.kill(self.queue)),
+            ("placements", lambda: [p.remove() for p in self.placements]),
         ]
         for attribute, stop in stops:
             if hasattr(self, attribute):
@@ -390,7 +396,8 @@ class TrainingDriver:
 
     def _allowance(self) -> int:
         algorithm = self.config.algorithm
-        return (self.step + algorithm.max_staleness + 1) * algorithm.groups_per_step + self.counts.refused
+        replaced = self.counts.refused + self.counts.dropped
+        return (self.step + algorithm.max_staleness + 1) * algorithm.groups_per_step + replaced
 
     def _top_up(self) -> None:
         while not self._stop.is_set() and self.stream.cursor.issued < self._allowance():
@@ -474,7 +481,11 @@ class TrainingDriver:
         self.metrics.groups.inc(len(groups), tags={"stage": "consumed"})
         self.step += 1
         self.version += 1
-        await self.queue.set_version.remote(self.version)
+        dropped = await self.queue.set_version.remote(self.version)
+        if dropped:
+            self.counts.dropped += dropped
+            self.metrics.groups.inc(dropped, tags={"stage": "dropped"})
+            log.info("%d waiting group(s) became too stale for policy version %d; replacements are issued", dropped, self.version)
         push = self.learner.publish(self.version)
         if algorithm.max_staleness == 0:
             report = await asyncio.wrap_future(push)

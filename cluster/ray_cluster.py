@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,9 @@ class RolePlacement:
     name: str
     group: PlacementGroup
 
+    def remove(self) -> None:
+        remove_placement_group(self.group)
+
     def options(self, index: int) -> dict[str, Any]:
         return {
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
@@ -85,7 +89,8 @@ class RolePlacement:
 
 def place_role(name: str, bundles: list[dict[str, float]], strategy: str = "PACK", timeout_s: float = 300.0) -> RolePlacement:
     """Reserve `bundles` for one role; a clear error names the role if the cluster cannot fit it."""
-    group = placement_group(bundles, strategy=strategy, name=f"ampo-{name}")
+    # The suffix keeps two runs sharing a cluster (or a run and its resumption) from clashing on the name.
+    group = placement_group(bundles, strategy=strategy, name=f"ampo-{name}-{uuid.uuid4().hex[:6]}")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
