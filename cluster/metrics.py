@@ -1,0 +1,133 @@
+"""The catalogue of every Prometheus series the roles export: one fixed name per quantity.
+
+Each role records its own series with `ray.util.metrics` (inside Ray actors and in the driver); Ray's
+per-node metrics agent exports them with a `ray_` prefix (`ampo_kl` is scraped as `ray_ampo_kl`), on
+127.0.0.1 in local mode. `docs/metrics.md` and the Grafana dashboard `configs/grafana/ampo.json` are
+generated from this catalogue (`scripts/write_dashboard.py`), and a test checks that the code creates
+exactly the series listed here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: str  # counter | gauge | histogram
+    role: str
+    description: str
+    tags: tuple[str, ...] = ()
+    unit: str = "short"
+
+    @property
+    def exported(self) -> str:
+        """The series name as Prometheus scrapes it (Ray adds `ray_`; counters keep their `_total`)."""
+        return f"ray_{self.name}"
+
+
+CATALOGUE: tuple[MetricSpec, ...] = (
+    # driver / learner progress
+    MetricSpec("ampo_policy_version", "gauge", "driver", "Policy version of the learner (steps whose weights were published)."),
+    MetricSpec("ampo_learner_step", "gauge", "driver", "Learner steps completed."),
+    MetricSpec("ampo_learner_step_seconds", "gauge", "driver", "Wall time of the last learner step.", unit="s"),
+    MetricSpec("ampo_learner_tokens_per_second", "gauge", "driver", "Learner tokens per second in the last step."),
+    MetricSpec("ampo_reward_mean", "gauge", "driver", "Mean reward of the scored samples consumed by the last step."),
+    MetricSpec("ampo_format_error_ratio", "gauge", "driver", "Fraction of format errors (reward −2) in the last step.", unit="percentunit"),
+    MetricSpec("ampo_mode_fraction", "gauge", "driver", "Fraction of the last step's samples in each thinking mode.", ("mode",), "percentunit"),
+    MetricSpec("ampo_mode_tokens", "gauge", "driver", "Mean response tokens per thinking mode in the last step.", ("mode",)),
+    MetricSpec("ampo_advantage_mean", "gauge", "driver", "Mean advantage per thinking mode in the last step.", ("mode",)),
+    MetricSpec("ampo_advantage_std", "gauge", "driver", "Advantage standard deviation per thinking mode.", ("mode",)),
+    MetricSpec("ampo_kl", "gauge", "driver", "Token-mean k3 KL of the policy to the frozen reference."),
+    MetricSpec("ampo_entropy", "gauge", "driver", "Token-mean policy entropy."),
+    MetricSpec("ampo_grad_norm", "gauge", "driver", "Gradient norm before clipping."),
+    MetricSpec("ampo_staleness", "gauge", "driver", "Mean policy-version lag of the groups the last step consumed."),
+    MetricSpec("ampo_groups_in_flight", "gauge", "driver", "Groups issued and not yet in the replay queue."),
+    MetricSpec("ampo_driver_groups_total", "counter", "driver", "Groups per pipeline stage (issued, generated, scored, queued, refused, dropped, consumed).", ("stage",)),
+    MetricSpec("ampo_eval_goal", "gauge", "driver", "Evaluation GOAL (0–10) of the trained agent.", ("subset",)),
+    # rollout actors
+    MetricSpec("ampo_rollout_tokens_generated_total", "counter", "rollout", "Response tokens generated.", ("actor",)),
+    MetricSpec("ampo_rollout_tokens_per_second", "gauge", "rollout", "Response tokens per second over a recent window.", ("actor",)),
+    MetricSpec("ampo_rollout_requests_in_flight", "gauge", "rollout", "Group requests being generated.", ("actor",)),
+    MetricSpec("ampo_rollout_policy_version", "gauge", "rollout", "Policy version each engine serves.", ("actor",)),
+    MetricSpec("ampo_rollout_weight_update_seconds", "histogram", "rollout", "Time to apply a weight update in an engine.", ("actor",), "s"),
+    # reward service
+    MetricSpec("ampo_judge_latency_seconds", "histogram", "reward", "Duration of judge HTTP attempts.", unit="s"),
+    MetricSpec("ampo_judge_errors_total", "counter", "reward", "Failed judge attempts by kind.", ("kind",)),
+    MetricSpec("ampo_judge_retries_total", "counter", "reward", "Judge retries by the kind of failure that caused them.", ("kind",)),
+    MetricSpec("ampo_judge_calls_in_flight", "gauge", "reward", "Judge HTTP attempts in flight per reward actor."),
+    MetricSpec("ampo_reward_format_error_ratio", "gauge", "reward", "Share of format errors among a reward actor's recent samples.", unit="percentunit"),
+    MetricSpec("ampo_reward_samples_total", "counter", "reward", "Scored samples by thinking mode.", ("mode",)),
+    MetricSpec("ampo_reward_invalid_samples_total", "counter", "reward", "Samples left without a reward, by reason.", ("reason",)),
+    # learner: queue and weight push
+    MetricSpec("ampo_queue_depth", "gauge", "learner", "Scored groups waiting in the replay queue."),
+    MetricSpec("ampo_queue_put_wait_seconds", "histogram", "learner", "Time producers waited for room in the queue (backpressure).", unit="s"),
+    MetricSpec("ampo_queue_refused_groups_total", "counter", "learner", "Groups refused or dropped by the queue, by reason.", ("reason",)),
+    MetricSpec("ampo_queue_staleness", "histogram", "learner", "Version lag of the groups the learner consumed."),
+    MetricSpec("ampo_weight_push_seconds", "histogram", "learner", "From publish to each rollout actor's acknowledgement.", ("transport",), "s"),
+    MetricSpec("ampo_weight_push_failures_total", "counter", "learner", "Weight pushes that failed or missed their deadline.", ("transport",)),
+)
+
+
+def markdown_table() -> str:
+    lines = [
+        "| series (as scraped) | type | role | tags | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for spec in CATALOGUE:
+        tags = ", ".join(spec.tags) or "–"
+        lines.append(f"| `{spec.exported}` | {spec.kind} | {spec.role} | {tags} | {spec.description} |")
+    return "\n".join(lines)
+
+
+def _query(spec: MetricSpec) -> tuple[str, str]:
+    """PromQL and legend of a panel: counters as rates, histograms as p50/p95 from buckets."""
+    by = f" by ({', '.join(spec.tags)})" if spec.tags else ""
+    legend = "{{" + spec.tags[0] + "}}" if spec.tags else spec.name
+    if spec.kind == "counter":
+        return f"sum{by} (rate({spec.exported}[1m]))", legend
+    if spec.kind == "histogram":
+        return f"histogram_quantile(0.95, sum by (le{', ' + ', '.join(spec.tags) if spec.tags else ''}) (rate({spec.exported}_bucket[5m])))", f"p95 {legend}"
+    return f"max{by} ({spec.exported})", legend
+
+
+def grafana_dashboard() -> dict:
+    """A Grafana dashboard (JSON model) with one time-series panel per catalogued series, grouped by role."""
+    panels, y = [], 0
+    panel_id = 1
+    for role in ("driver", "rollout", "reward", "learner"):
+        panels.append({"type": "row", "title": role, "id": panel_id, "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "collapsed": False})
+        panel_id += 1
+        y += 1
+        for i, spec in enumerate(s for s in CATALOGUE if s.role == role):
+            expr, legend = _query(spec)
+            panels.append(
+                {
+                    "type": "timeseries",
+                    "id": panel_id,
+                    "title": spec.name.removeprefix("ampo_"),
+                    "description": spec.description,
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "gridPos": {"h": 7, "w": 8, "x": (i % 3) * 8, "y": y + (i // 3) * 7},
+                    "fieldConfig": {"defaults": {"unit": spec.unit}, "overrides": []},
+                    "targets": [{"expr": expr, "legendFormat": legend, "refId": "A"}],
+                }
+            )
+            panel_id += 1
+        count = sum(1 for s in CATALOGUE if s.role == role)
+        y += ((count + 2) // 3) * 7
+    return {
+        "title": "AMPO training",
+        "uid": "ampo-training",
+        "schemaVersion": 39,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}]},
+        "panels": panels,
+    }
+
+
+def dashboard_json() -> str:
+    return json.dumps(grafana_dashboard(), indent=2) + "\n"
