@@ -42,6 +42,7 @@ from learner.checkpoint import CheckpointState, begin_checkpoint, finish_checkpo
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.publish import PushReport, WeightPublisher
 from learner.worker import (
+    TOKEN_MEAN_METRICS,
     BCExample,
     LearnerWorker,
     Schedule,
@@ -54,8 +55,6 @@ from learner.worker import (
 __all__ = ["BatchInfo", "LearnerGroup", "build_train_samples", "split_by_tokens"]
 
 log = logging.getLogger(__name__)
-
-_TOKEN_MEAN_METRICS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "approx_kl", "is_weight_mean")
 
 
 @dataclass(frozen=True)
@@ -212,7 +211,7 @@ class LearnerGroup:
         started = time.perf_counter()
         results = self._run_sharded("step", samples, global_tokens)
         seconds = time.perf_counter() - started
-        metrics = {name: sum(r[f"{name}_tok_sum"] for r in results) / global_tokens for name in _TOKEN_MEAN_METRICS}
+        metrics = {name: sum(r[f"{name}_tok_sum"] for r in results) / global_tokens for name in TOKEN_MEAN_METRICS}
         metrics.update(info.metrics)
         tokens = sum(r["tokens"] for r in results)
         metrics.update(

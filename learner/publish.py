@@ -215,7 +215,7 @@ class WeightPublisher:
         self.dtype = dtype
         self.backend = backend
         self.ranks_per_actor = ranks_per_actor
-        self._group: tuple[str, int, int] | None = None
+        self._group: tuple[str, int, int] | None = None  # (address, port, size) of the broadcast weight group
         self._specs: list[WeightSpec] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-push")
         self._pending: list[concurrent.futures.Future[PushReport]] = []

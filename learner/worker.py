@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 # Module-name components that wrappers insert into parameter names; the HF checkpoint has none of them.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
 # Loss metrics returned by policy_loss that are token-means (aggregated as token-weighted sums).
-_TOKEN_MEAN_METRICS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "approx_kl", "is_weight_mean")
+TOKEN_MEAN_METRICS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "approx_kl", "is_weight_mean")
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,6 @@ class LearnerWorker:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.pad_id = 0
         self.tied_aliases: frozenset[str] = frozenset()
-        self.steps_done = 0
         self._sender: Any = None  # learner.publish.BroadcastSender on rank 0 once a weight group is formed
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -288,7 +287,7 @@ class LearnerWorker:
                 for mb in batches:
                     ref.append(self._token_logprobs(self.reference, mb)[0])
         model.train()
-        sums = {f"{name}_tok_sum": 0.0 for name in _TOKEN_MEAN_METRICS}
+        sums = {f"{name}_tok_sum": 0.0 for name in TOKEN_MEAN_METRICS}
         weight_max = 0.0
         for i, mb in enumerate(batches):
             logprobs, entropy = self._token_logprobs(model, mb)
@@ -311,7 +310,7 @@ class LearnerWorker:
             )
             n_tokens = int(mb["mask"].sum())
             (out.loss * (n_tokens / global_tokens)).backward()
-            for name in _TOKEN_MEAN_METRICS:
+            for name in TOKEN_MEAN_METRICS:
                 sums[f"{name}_tok_sum"] += out.metrics[name] * n_tokens
             weight_max = max(weight_max, out.metrics["is_weight_max"])
         grad_norm, lr = self._optimizer_step(optimizer)
@@ -482,9 +481,6 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
-    def ping(self) -> int:
-        return self.rank
-
     def shutdown(self) -> None:
         """Leave the process group (the actor can then exit cleanly)."""
         self._close_sender()
@@ -513,7 +509,6 @@ class LearnerWorker:
         optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        self.steps_done += 1
         return float(norm), float(lr)
 
     def _token_logprobs(self, model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from learner_fixtures import make_group, make_groups
 
 from learner.ampo import ampo_advantages
@@ -106,6 +107,23 @@ def test_ampo_step_moves_logprobs_with_the_advantage_sign(tiny_model_dir) -> Non
     assert metrics["grad_norm"] > 0 and metrics["lr"] == pytest.approx(1e-4)
     for s, b, a in zip(samples, before, after):
         assert (a - b) * s.advantage > 0, f"advantage {s.advantage:+.3f} but mean log-prob moved by {a - b:+.5f}"
+
+
+def test_bf16_and_gradient_checkpointing_step_and_stream_fp32_weights(tiny_model_dir) -> None:
+    """The memory settings of real runs: bf16 compute (fp32 master weights) with activation checkpointing."""
+    learner = LearnerConfig(mixed_precision="bf16", gradient_checkpointing=True, dist_timeout_s=60.0, micro_batch_size=2)
+    worker = LearnerWorker(0, 1, WorkerSetup(str(tiny_model_dir), learner, Schedule(lr=1e-3), AlgorithmConfig()))
+    worker.setup("127.0.0.1", free_port())
+    try:
+        samples, _ = build_train_samples(make_groups(2), 0, AlgorithmConfig())
+        metrics = worker.step(samples, 4, sum(s.loss_tokens for s in samples))
+        weights = dict(worker.full_weights())
+    finally:
+        worker.shutdown()
+    assert np.isfinite(metrics["loss_tok_sum"]) and metrics["grad_norm"] > 0
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    # HF checkpoint names; the tied lm_head alias is not sent (vLLM re-ties it to the embedding).
+    assert "model.embed_tokens.weight" in weights and "lm_head.weight" not in weights
 
 
 @pytest.mark.slow
