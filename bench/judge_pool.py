@@ -91,6 +91,7 @@ def main() -> None:
         results = ray.get(refs)
         elapsed = time.monotonic() - started
         calls = pool.stats().judge.calls - calls_before
+        arrivals = sorted(entry.arrived for entry in server.log)
         pool.shutdown()
 
     requests = GROUPS * GROUP_SIZE
@@ -102,7 +103,8 @@ def main() -> None:
     ideal = concurrency / LATENCY_S
     print(f"cpus: {os.cpu_count()}, actors: {ACTORS} x {CONCURRENCY} calls in flight, judge latency {LATENCY_S} s")
     print(f"requests: {requests} in {elapsed:.2f} s, judge calls counted by the pool: {calls}")
-    print(f"server saw at most {server.max_concurrent} concurrent requests")
+    print(f"server saw at most {server.max_concurrent} concurrent requests; first one {arrivals[0] - started:.3f} s "
+          f"after submission, last one {elapsed - (arrivals[-1] - started):.3f} s before the end")
     print(f"achieved: {achieved:.1f} requests/s; ideal C / latency = {concurrency} / {LATENCY_S} = {ideal:.1f} /s")
     print(f"RESULT judge_pool_efficiency={achieved / ideal:.3f}")
     ray.shutdown()

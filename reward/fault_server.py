@@ -11,6 +11,7 @@ Every chat request gets one **outcome**, named after the failure kind the judge 
 * ``timeout``: sleeps ``hang_s`` (longer than the client's timeout) before answering;
 * ``rate_limited``: HTTP 429 with ``Retry-After`` / ``retry-after-ms`` of ``retry_after_s``;
 * ``server_error``: HTTP 500;
+* ``bad_request``: HTTP 400 (not worth retrying);
 * ``connection``: the connection is dropped without a response;
 * ``bad_response``: HTTP 200 whose JSON body is cut off;
 * ``unparseable``: a chat completion whose content is prose or truncated JSON;
@@ -48,6 +49,7 @@ OUTCOMES: tuple[str, ...] = (
     "timeout",
     "rate_limited",
     "server_error",
+    "bad_request",
     "connection",
     "bad_response",
     "unparseable",
@@ -351,6 +353,9 @@ class FaultServer:
         if outcome == "server_error":
             error = {"error": {"message": "internal error (injected)", "type": "server_error"}}
             return web.json_response(error, status=500)
+        if outcome == "bad_request":
+            error = {"error": {"message": "invalid request (injected)", "type": "invalid_request_error"}}
+            return web.json_response(error, status=400)
         if outcome == "connection":
             if request.transport is not None:
                 request.transport.abort()

@@ -425,6 +425,11 @@ class RewardPool:
         self._pending: list[dict[ray.ObjectRef, int]] = [{} for _ in self._actors]
         self._next = 0
 
+    @property
+    def actors(self) -> list[ray.actor.ActorHandle]:
+        """The reward actors (e.g. for health checks); route work through :meth:`score`."""
+        return list(self._actors)
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Block until every actor has loaded its tokenizer and judge client."""
         ray.get([actor.ready.remote() for actor in self._actors], timeout=timeout_s)

@@ -71,7 +71,8 @@ def judge_config(base_url: str, **overrides: Any) -> JudgeConfig:
         "base_url": base_url,
         "model": "fault-judge",
         "api_key_env": "AMPO_TEST_JUDGE_KEY_UNSET",
-        "timeout_s": 0.5,
+        # Generous enough that a loaded machine does not turn a good answer into a timeout.
+        "timeout_s": 2.0,
         "max_retries": 2,
         "backoff_base_s": 0.01,
         "backoff_max_s": 0.1,

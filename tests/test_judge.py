@@ -236,6 +236,35 @@ def test_transport_errors_are_retried_then_reported():
 
 
 @pytest.mark.timeout(30)
+def test_bad_request_is_not_retried():
+    with FaultServer(FaultConfig(script=["bad_request", "ok"])) as server:
+
+        async def run():
+            async with JudgeClient(judge_config(server.base_url, max_retries=3)) as client:
+                return await client.goal_scores("p")
+
+        result = asyncio.run(run())
+    assert result.failure == "bad_request" and result.calls == 1 and "400" in result.detail
+
+
+@pytest.mark.timeout(30)
+def test_tokens_per_minute_budget_delays_requests():
+    # Budget 6000 tokens/min (100/s). Each request is estimated at ceil(12136 / 4) + 16 = 3050 tokens: the first
+    # fits at once, the second only once 100 tokens have drained, about 1 s later.
+    with FaultServer() as server:
+
+        async def run():
+            config = judge_config(server.base_url, tokens_per_minute=6000, max_tokens=16)
+            async with JudgeClient(config) as client:
+                return await asyncio.gather(*(client.goal_scores(f"{i}" * 12136) for i in range(2)))
+
+        results = asyncio.run(run())
+        arrivals = sorted(entry.arrived for entry in server.log)
+    assert all(r.ok for r in results)
+    assert 0.8 <= arrivals[1] - arrivals[0] < 3.0
+
+
+@pytest.mark.timeout(30)
 def test_connection_refused_fails_fast():
     async def run():
         # Port 9 (discard) is closed on loopback: every attempt is refused at once.
