@@ -20,10 +20,13 @@ episode id ``env_id`` is among the given hard ids (spec §9.19: never a list pos
 (the thinking mode of each of the actor's turns, None for a format error) and ``tokens`` (the response tokens of
 each of those turns); the summary then reports how often each mode was used and its mean tokens, over every record
 (exclusion is a judging failure, not a property of the episode's generation).
+
+From a shell: ``python -m reward.evaluator results.json --hard-ids sotopia_hard.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -331,3 +334,18 @@ def _table(header: list[str], rows: list[list[str]], style: str) -> list[str]:
         raise ValueError(f"unknown style {style!r}; expected 'markdown' or 'text'")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m reward.evaluator RESULTS [--hard-ids sotopia_hard.json] [--style text]``: print the summary."""
+    parser = argparse.ArgumentParser(description="Summarise a Sotopia evaluation results file (JSON list or JSONL).")
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--hard-ids", type=Path, help="JSON list of hard episode ids (e.g. sotopia_hard.json)")
+    parser.add_argument("--style", choices=("markdown", "text"), default="markdown")
+    args = parser.parse_args(argv)
+    hard_ids = set(json.loads(args.hard_ids.read_text())) if args.hard_ids else set()
+    print(render_summary(summarise(load_results(args.results), hard_ids), style=args.style), end="")
+
+
+if __name__ == "__main__":
+    main()

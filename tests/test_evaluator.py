@@ -225,6 +225,17 @@ def test_hard_subset_by_real_episode_id():
     assert summary.hard.actor["goal"].std == pytest.approx(1.0)
 
 
+def test_command_line_summary(tmp_path, capsys):
+    from reward.evaluator import main
+
+    results, hard = tmp_path / "results.json", tmp_path / "hard.json"
+    results.write_text(json.dumps(RECORDS))
+    hard.write_text("[12]")
+    main([str(results), "--hard-ids", str(hard), "--style", "text"])
+    out = capsys.readouterr().out
+    assert "hard (2 episodes)" in out and "excluded: 1" in out
+
+
 def test_reference_exclusion_marker_and_render():
     legacy = dict(RECORDS[0], rewards=[0.0, -100.0])
     summary = summarise([legacy, RECORDS[3]])
