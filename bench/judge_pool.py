@@ -101,7 +101,8 @@ def main() -> None:
     concurrency = ACTORS * CONCURRENCY
     achieved = requests / elapsed
     ideal = concurrency / LATENCY_S
-    print(f"cpus: {os.cpu_count()} (1-min load average {os.getloadavg()[0]:.1f}), actors: {ACTORS} x {CONCURRENCY} calls in flight, judge latency {LATENCY_S} s")
+    print(f"cpus: {os.cpu_count()} (1-min load average {os.getloadavg()[0]:.1f}); actors: {ACTORS} x {CONCURRENCY} "
+          f"calls in flight; judge latency {LATENCY_S} s")
     print(f"requests: {requests} in {elapsed:.2f} s, judge calls counted by the pool: {calls}")
     print(f"server saw at most {server.max_concurrent} concurrent requests; first one {arrivals[0] - started:.3f} s "
           f"after submission, last one {elapsed - (arrivals[-1] - started):.3f} s before the end")
