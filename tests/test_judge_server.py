@@ -60,12 +60,13 @@ def test_command_line():
 
 
 @pytest.mark.timeout(60)
-def test_early_exit_raises_with_the_log_tail():
-    server = StandInServer("import sys; print('cannot load the model: no such folder'); sys.exit(3)")
+def test_early_exit_raises_with_the_log_tail(tmp_path):
+    script = "import sys; print('cannot load the model: no such folder'); sys.exit(3)"
+    server = StandInServer(script, log_path=tmp_path / "server.log")
     with pytest.raises(JudgeServerError, match="exited with code 3") as info:
         server.start()
     assert "cannot load the model: no such folder" in str(info.value)
-    assert not server.running
+    assert not server.running and (tmp_path / "server.log").exists()  # a given log is kept
 
 
 def pid_is_gone(pid: int) -> bool:
@@ -87,7 +88,7 @@ def test_startup_timeout_kills_the_whole_group(tmp_path):
         "print('loading', flush=True)\n"
         "time.sleep(120)\n"
     )
-    server = StandInServer(script, startup_timeout_s=1.5, stop_timeout_s=2)
+    server = StandInServer(script, startup_timeout_s=1.5, stop_timeout_s=2, log_path=tmp_path / "server.log")
     started = time.monotonic()
     with pytest.raises(JudgeServerError, match="not healthy after 1.5 s") as info:
         server.start()
