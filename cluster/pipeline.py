@@ -54,7 +54,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,17 @@ def open_endpoint(
     log.info("starting a local %s server for %s (about half a minute on a CPU)", what, path)
     server.start()
     return Endpoint(server.base_url, name, server)
+
+
+@contextlib.contextmanager
+def judge_endpoint(
+    section: JudgeConfig, config: Config, *, model_path: str | Path | None = None, what: str = "judge"
+) -> Iterator[tuple[str, str]]:
+    """`(base_url, model)` of a judge-like section for the duration of a `with` block: `open_endpoint` with the
+    config's rollout engine settings, the started local server (if any) stopped on exit. For callers that only
+    need the address, e.g. the training driver's reward pool."""
+    with open_endpoint(section, config.rollout, model_path=model_path, what=what) as endpoint:
+        yield endpoint.base_url, endpoint.model
 
 
 # ---- policy ------------------------------------------------------------------------------------------------------

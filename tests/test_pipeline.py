@@ -32,6 +32,7 @@ from cluster.pipeline import (
     demo_schema,
     eval_metrics,
     evaluate_async,
+    judge_endpoint,
     make_demos_async,
     open_endpoint,
     prefix_goal_prompt,
@@ -526,6 +527,8 @@ def test_open_endpoint_uses_remote_sections_as_given():
     endpoint.close()
     with pytest.raises(ConfigError, match="model `local` only works with base_url `local`"):
         open_endpoint(remote.model_copy(update={"model": "local"}), config.rollout, what="judge")
+    with judge_endpoint(remote, config) as (base_url, model):
+        assert (base_url, model) == ("https://judge.example/v1", "qwen2.5-72b-instruct")
 
 
 async def test_rollout_policy_sends_one_sample_per_chat_to_the_least_loaded_actor():
