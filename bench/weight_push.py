@@ -1,22 +1,27 @@
 """Weight-push latency into a live vLLM rollout actor ÷ an in-process copy of the same tensors.
 
 Setup: the embedded default policy (SmolLM2-135M-Instruct, the model local mode trains), one learner rank (FSDP2,
-fp32 master weights) and one rollout actor serving it in bfloat16, as ``configs/local.yaml`` does. A push is
-``LearnerGroup.publish(v)``: the rank streams its weights (cast to bfloat16) into a safetensors blob or the
-broadcast buckets, the actor receives them, pauses generation, reloads its layers and resumes; the latency is
-publish → the actor's acknowledgement (``PushReport.seconds``). The baseline is the least a weight update can
-cost: ``load_state_dict`` of the same bfloat16 tensors into a transformers model in this process. The two alternate
-round by round; the ratio uses medians. Goal: ≤ 3×.
+fp32 master weights) and one rollout actor serving it in ``--dtype`` (default bfloat16, as ``configs/local.yaml``;
+float32 as ``configs/tiny.yaml``). A push is ``LearnerGroup.publish(v)``: the rank streams its weights (cast to the
+engine dtype) into a safetensors blob or the broadcast buckets, the actor receives them, pauses generation, reloads
+its layers and resumes; the latency is publish → the actor's acknowledgement (``PushReport.seconds``). The
+baseline is the least a weight update can cost: ``load_state_dict`` of the same fp32 master tensors into a
+transformers model in the engine dtype, in this process (a plain copy, or a copy with the same cast). Pushes and
+copies alternate round by round and each ratio is the median of the per-round ratios (robust to load from other
+jobs). Both transports are measured; ``RESULT`` reports ``--transport`` (default: the default config's
+object_store). Goal: ≤ 3×.
 
 Also printed: the learner's share (gather + serialise, ``PushReport.gather_seconds``) and the actor's own share,
 timed by sending it a blob that is already in the object store.
 
-Run from the repository root: ``.venv/bin/python bench/weight_push.py`` (converts the embedded model once if needed);
-the last line is ``RESULT weight_push_ratio=<object-store push seconds ÷ in-process copy seconds>``.
+Run from the repository root: ``.venv/bin/python bench/weight_push.py [--dtype float32] [--transport broadcast]``
+(converts the embedded model once if needed); the last line is
+``RESULT weight_push_ratio=<push seconds ÷ in-process copy seconds>``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -26,10 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROUNDS = 5
-PUSH_DTYPE = "bfloat16"
+TRANSPORTS = ("object_store", "broadcast")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="engine and push dtype")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="object_store", help="transport of the RESULT line")
+    args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
@@ -53,7 +62,7 @@ def main() -> None:
     )
     rollout = RolloutConfig(
         model=str(model_path),
-        dtype=PUSH_DTYPE,
+        dtype=args.dtype,
         max_model_len=512,
         max_num_batched_tokens=512,
         kv_cache_memory_bytes=64 << 20,
@@ -65,20 +74,24 @@ def main() -> None:
     group = LearnerGroup(learner, model_path, algorithm=AlgorithmConfig(kl_coef=0.0))
     ray.get(actor.health.remote(), timeout=300)
 
-    # The baseline's tensors: the same names, shapes and dtype as a push carries.
-    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, PUSH_DTYPE))
-    tensors = {k: v.clone() for k, v in reference.state_dict().items()}
-    megabytes = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
-    blob_ref = ray.put(bytearray(safetensors.torch.save({k: v for k, v in tensors.items() if k != "lm_head.weight"})))
+    # The baseline copies the learner's fp32 master tensors into a model of the engine dtype.
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype))
+    master = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tensors = {k: v.detach().clone() for k, v in master.state_dict().items() if k != "lm_head.weight"}
+    del master
+    pushed = {k: v.to(getattr(torch, args.dtype)) for k, v in tensors.items()}
+    megabytes = sum(t.numel() * t.element_size() for t in pushed.values()) / 1e6
+    blob_ref = ray.put(bytearray(safetensors.torch.save(pushed)))
+    del pushed
 
     def in_process_copy() -> float:
         start = time.perf_counter()
-        reference.load_state_dict(tensors)
+        reference.load_state_dict(tensors, strict=False)  # the tied lm_head follows the embedding
         return time.perf_counter() - start
 
     version = 0
     results: dict[str, list[float]] = {"object_store": [], "broadcast": [], "copy": [], "gather": [], "actor_only": []}
-    for transport in ("object_store", "broadcast"):
+    for transport in TRANSPORTS:
         group.connect_rollout([actor], rollout.model_copy(update={"weight_transport": transport}))
         version += 1
         group.publish(version).result(timeout=300)  # warm-up
@@ -100,15 +113,21 @@ def main() -> None:
     ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"model: {model_path.name}, {megabytes:.0f} MB in {PUSH_DTYPE}; {ROUNDS} rounds per transport (medians)")
-    print(f"in-process load_state_dict: {med['copy'] * 1e3:.0f} ms")
+    copies = results["copy"]
+    ratio = {
+        t: statistics.median(p / c for p, c in zip(results[t], copies[i * ROUNDS : (i + 1) * ROUNDS]))
+        for i, t in enumerate(TRANSPORTS)
+    }
+    print(f"model: {model_path.name}, {megabytes:.0f} MB in {args.dtype}; {ROUNDS} rounds per transport (medians)")
+    print(f"in-process load_state_dict (fp32 master -> {args.dtype}): {med['copy'] * 1e3:.0f} ms")
     print(
         f"object-store push: {med['object_store'] * 1e3:.0f} ms "
         f"(learner gather + serialise {med['gather'] * 1e3:.0f} ms; the actor alone on a ready blob {med['actor_only'] * 1e3:.0f} ms)"
     )
     print(f"broadcast push: {med['broadcast'] * 1e3:.0f} ms")
-    print(f"broadcast ratio: {med['broadcast'] / med['copy']:.2f}")
-    print(f"RESULT weight_push_ratio={med['object_store'] / med['copy']:.2f}")
+    for transport in TRANSPORTS:
+        print(f"{transport} ratio: {ratio[transport]:.2f}")
+    print(f"RESULT weight_push_ratio={ratio[args.transport]:.2f}")
 
 
 if __name__ == "__main__":

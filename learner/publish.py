@@ -276,7 +276,8 @@ class WeightPublisher:
                 actor.receive_weights.remote(version, self._specs, self.bucket_bytes) for actor in self.actors
             ]
             gather = [w.broadcast_weights.remote(self.bucket_bytes, self.dtype) for w in workers]
-        future = self._pool.submit(self._track, version, started, gather, acks)
+        blob = gather[0] if self.transport == "object_store" else None
+        future = self._pool.submit(self._track, version, started, gather, acks, blob)
         with self._lock:
             self._pending.append(future)
         return future
@@ -304,8 +305,12 @@ class WeightPublisher:
 
     # ----------------------------------------------------------------------------------------------- internals
 
-    def _track(self, version: int, started: float, gather: list[Any], acks: list[Any]) -> PushReport:
-        """Background: wait for the acknowledgements one by one until the deadline; time and report each."""
+    def _track(self, version: int, started: float, gather: list[Any], acks: list[Any], blob: Any) -> PushReport:
+        """Background: wait for the acknowledgements one by one until the deadline; time and report each.
+
+        Nothing is fetched into the driver (``fetch_local=False``); the blob itself is never read here: if rank 0
+        failed to make it, the actors' calls that take it as their argument fail with that error.
+        """
         report = PushReport(version=version, transport=self.transport)
         deadline = started + self.timeout_s
         index_of = {ref: i for i, ref in enumerate(acks)}
@@ -315,7 +320,7 @@ class WeightPublisher:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            ready, _ = ray.wait(remaining + gather_left, num_returns=1, timeout=left)
+            ready, _ = ray.wait(remaining + gather_left, num_returns=1, timeout=left, fetch_local=False)
             for ref in ready:
                 if ref in index_of:
                     remaining.remove(ref)
@@ -324,6 +329,8 @@ class WeightPublisher:
                     gather_left.remove(ref)
                     if not gather_left:
                         report.gather_seconds = time.monotonic() - started
+                    if ref == blob:
+                        continue
                     try:
                         ray.get(ref)
                     except Exception as exc:  # surfaced in the report; the actors' calls then fail too
