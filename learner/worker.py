@@ -384,17 +384,20 @@ class LearnerWorker:
             specs.append((hf_name(name), str(out_dtype).removeprefix("torch."), list(tensor.shape)))
         return specs
 
-    def full_weights(self, dtype: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Stream the full (unsharded) weights, one tensor at a time, optionally cast to ``dtype``.
-
-        A collective: every rank must exhaust the iterator. Rank 0 gets CPU tensors, the other ranks None.
+    def full_weights(self, dtype: str | None = None, *, to_cpu: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Stream the full (unsharded) weights, one tensor at a time, optionally cast to ``dtype`` (before the
+        gather, so less travels). A collective: every rank must exhaust the iterator. Rank 0 gets the tensors
+        (moved to the CPU unless ``to_cpu`` is False, e.g. for a GPU-to-GPU broadcast), the other ranks None.
         """
         target = _torch_dtype(dtype) if dtype else None
         for name, tensor in self._publishable_state():
             if target is not None:
                 tensor = tensor.to(target)
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            yield hf_name(name), (full.detach().to("cpu") if self.rank == 0 else None)
+            kept = None
+            if self.rank == 0:
+                kept = full.detach().to("cpu") if to_cpu else full.detach()
+            yield hf_name(name), kept
             del full
 
     def weights_blob(self, dtype: str | None = None) -> bytearray | None:
@@ -426,7 +429,7 @@ class LearnerWorker:
         """Take part in a broadcast push (a collective over the learner ranks): every rank gathers, rank 0 sends
         each bucket as soon as it is complete. Returns the bytes rank 0 sent (0 elsewhere)."""
         specs = self.weight_specs(dtype)
-        weights = self.full_weights(dtype)
+        weights = self.full_weights(dtype, to_cpu=False)  # NCCL sends from the GPU; on CPU nothing changes
         if self.rank != 0:
             for _ in weights:
                 pass
