@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_pipeline_commands(sub)
 
+    train = sub.add_parser("train", help="AMPO reinforcement learning on RL states (the training driver)")
+    _add_config_args(train)
+
     run = sub.add_parser("run", help="run the main local job on the configured model")
     _add_config_args(run)
     run.add_argument("--prompt", default="Say hello to a new colleague in one sentence.")
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.models import prepare_embedded_model
 
             print(prepare_embedded_model(force=args.force))
+        elif args.command == "train":
+            return _train(args)
         elif args.command == "run":
             return _run(args)
         else:
@@ -75,6 +80,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ampo: config error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """`ampo train`: the asynchronous AMPO driver on `data.train_states`, from `rollout.model`."""
+    import json
+
+    from actors.states import read_states
+    from cluster.driver import TrainingDriver
+    from cluster.models import resolve_model
+    from cluster.pipeline import judge_endpoint
+    from cluster.ray_cluster import connect
+
+    config = load_config(args.config, args.overrides)
+    if config.data.train_states is None:
+        raise ConfigError("data.train_states is not set: give an RL state file (`ampo build-states` makes one)")
+    states = read_states(config.data.train_states)
+    policy = resolve_model(config.rollout.model)
+    connect(config)
+    with judge_endpoint(config.reward.judge, config) as (base_url, model):
+        summary = TrainingDriver(config, states, policy, judge_url=base_url, judge_model=model).run()
+    print(json.dumps(summary, indent=2))
+    return 130 if summary["interrupted"] else 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -38,6 +38,10 @@ class ClusterConfig(BaseModel):
     """GPUs in each learner rank's placement bundle (0 on CPU, 1 on GPU)."""
     reward_cpus_per_actor: float = Field(0.5, gt=0)
     """CPUs reserved for each reward actor."""
+    rollout_resources: dict[str, float] = {}
+    """Extra Ray resources in each rollout bundle, to pin rollout actors to node types (e.g. {"rollout_node": 1})."""
+    learner_resources: dict[str, float] = {}
+    """Extra Ray resources in each learner bundle (e.g. {"learner_node": 1})."""
     run_dir: Path = Path("runs/default")
     """Run directory: resolved config, rollouts (Parquet), metrics (JSONL), checkpoints, reports."""
     seed: int = 1

@@ -104,11 +104,12 @@ def place_role(name: str, bundles: list[dict[str, float]], strategy: str = "PACK
 def role_bundles(config: Config) -> dict[str, list[dict[str, float]]]:
     """Resource bundles per role from the config."""
 
-    def bundle(cpus: float, gpus: float) -> dict[str, float]:
-        return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+    def bundle(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **extra}
 
+    cluster = config.cluster
     return {
-        "rollout": [bundle(1, config.cluster.rollout_gpus_per_actor)] * config.rollout.num_actors,
-        "learner": [bundle(1, config.cluster.learner_gpus_per_rank)] * config.learner.num_ranks,
-        "reward": [bundle(config.cluster.reward_cpus_per_actor, 0)] * config.reward.num_actors,
+        "rollout": [bundle(1, cluster.rollout_gpus_per_actor, cluster.rollout_resources)] * config.rollout.num_actors,
+        "learner": [bundle(1, cluster.learner_gpus_per_rank, cluster.learner_resources)] * config.learner.num_ranks,
+        "reward": [bundle(cluster.reward_cpus_per_actor, 0, {})] * config.reward.num_actors,
     }

@@ -6,7 +6,7 @@ import yaml
 from cluster.cli import main
 from cluster.config import Config, ConfigError, config_template, dump_config, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml") if p.name != "runtime_env.yaml")
 
 
 def _leaf_paths(model, prefix=()):
