@@ -75,6 +75,11 @@ class DataConfig(BaseModel):
     """RL states (JSON or Parquet, the authors' schema, spec §5.4); null builds them with `ampo build-states`."""
     bc_data: Path | None = None
     """Behaviour-cloning records (alpaca JSON, spec §6); null generates them with `ampo make-demos`."""
+    demo_states: int = Field(24, ge=1)
+    """Opening states whose demonstrations `ampo make-demos` asks the expert for (each in all four modes) when
+    the local flow generates the BC data."""
+    build_episodes: int | None = Field(None, ge=1)
+    """Episodes self-played by `ampo build-states` in the local flow (null: every scenario episode)."""
     hide_private_info: bool = False
     """Hide the other agent's secret and personality as original Sotopia does. False is faithful to AMPO,
     whose prompts leak them (spec §9.11)."""

@@ -3,6 +3,7 @@
     ampo config show --config configs/local.yaml [section.field=value ...]
     ampo config template
     ampo model prepare
+    ampo train --config configs/llama3.1-8b.yaml data.train_states=...
     ampo run --config configs/local.yaml
 
 Run from the repo root without installing as `python -m cluster.cli ...` (what `ray job submit
@@ -52,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="AMPO reinforcement learning on RL states (the training driver)")
     _add_config_args(train)
 
-    run = sub.add_parser("run", help="run the main local job on the configured model")
+    run = sub.add_parser(
+        "run", help="local single-node mode: demonstrations → BC → RL states → AMPO → evaluation → report"
+    )
     _add_config_args(run)
-    run.add_argument("--prompt", default="Say hello to a new colleague in one sentence.")
-    run.add_argument("--max-tokens", type=int, default=20)
     return parser
 
 
@@ -84,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """`ampo train`: the asynchronous AMPO driver on `data.train_states`, from `rollout.model`."""
+    import contextlib
     import json
 
     from actors.states import read_states
-    from cluster.driver import TrainingDriver
+    from cluster.driver import TrainingDriver, sotopia_evaluation
     from cluster.models import resolve_model
     from cluster.pipeline import judge_endpoint
     from cluster.ray_cluster import connect
@@ -98,42 +100,28 @@ def _train(args: argparse.Namespace) -> int:
     states = read_states(config.data.train_states)
     policy = resolve_model(config.rollout.model)
     connect(config)
-    with judge_endpoint(config.reward.judge, config) as (base_url, model):
-        summary = TrainingDriver(config, states, policy, judge_url=base_url, judge_model=model).run()
+    with contextlib.ExitStack() as stack:
+        base_url, model = stack.enter_context(judge_endpoint(config.reward.judge, config))
+        if config.eval.judge.base_url == "local" and config.reward.judge.base_url == "local":
+            eval_url, eval_model = base_url, model  # one local server serves both roles
+        else:
+            eval_url, eval_model = stack.enter_context(judge_endpoint(config.eval.judge, config, what="evaluator"))
+        evaluation = sotopia_evaluation(config, eval_url, eval_model)
+        driver = TrainingDriver(config, states, policy, judge_url=base_url, judge_model=model, evaluate=evaluation)
+        summary = driver.run()
     print(json.dumps(summary, indent=2))
     return 130 if summary["interrupted"] else 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Until the training driver lands: prepare the configured model and print a short greedy generation
-    from a real vLLM engine, proving the install end to end."""
-    from cluster.models import resolve_model
+    """`ampo run`: local single-node mode, the paper's whole flow at small sizes (see cluster/local.py)."""
+    import json
 
-    config = load_config(args.config, args.overrides)
-    model_dir = resolve_model(config.rollout.model)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from cluster.local import run_local
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
-    )
-    engine_args = dict(
-        model=str(model_dir),
-        dtype=config.rollout.dtype,
-        max_model_len=min(config.rollout.max_model_len, 2048),
-        enforce_eager=config.rollout.enforce_eager,
-        seed=config.rollout.seed,
-    )
-    if config.rollout.kv_cache_memory_bytes:
-        engine_args["kv_cache_memory_bytes"] = config.rollout.kv_cache_memory_bytes
-    llm = LLM(**engine_args)
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=args.max_tokens))[0].outputs[0]
-    print(f"model: {model_dir}")
-    print(f"prompt: {args.prompt}")
-    print(f"greedy {len(out.token_ids)} tokens: {out.text!r}")
-    return 0
+    summary = run_local(load_config(args.config, args.overrides))
+    print(json.dumps(summary, indent=2, default=str))
+    return 130 if summary.get("training", {}).get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
             "learner.lr=1e-6",
             "learner.micro_batch_size=4",
             "learner.checkpoint_every=5",
-            "algorithm.groups_per_step=2",
-            "algorithm.total_steps=10",
+            "algorithm.groups_per_step=1",
+            "algorithm.total_steps=4",
             "algorithm.max_staleness=1",
             "bc.lr=1e-4",
             "bc.epochs=1",
@@ -41,8 +41,10 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
             "bc.cutoff_len=2048",
             "eval.every_steps=0",
             "eval.max_turns=6",
-            "eval.max_episodes=4",
+            "eval.max_episodes=3",
             "eval.judge.max_tokens=1024",
+            "data.demo_states=16",
+            "data.build_episodes=4",
         ],
     ),
     "tiny.yaml": (
@@ -101,6 +103,7 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
             "eval.judge.base_url=https://api.openai.com/v1",
             "eval.judge.model=gpt-4o-2024-08-06",
             "eval.judge.api_key_env=OPENAI_API_KEY",
+            "eval.judge.structured_output_field=response_format",
         ],
     ),
     "qwen2.5-7b.yaml": (
@@ -123,6 +126,7 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
             "eval.judge.base_url=https://api.openai.com/v1",
             "eval.judge.model=gpt-4o-2024-08-06",
             "eval.judge.api_key_env=OPENAI_API_KEY",
+            "eval.judge.structured_output_field=response_format",
         ],
     ),
 }

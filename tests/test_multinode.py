@@ -54,6 +54,9 @@ def overrides(tiny_model_dir, states_file, judge, run_dir):
         f"data.train_states={states_file}",
         f"reward.judge.base_url={judge.base_url}",
         "reward.judge.model=judge",
+        f"eval.judge.base_url={judge.base_url}",
+        "eval.judge.model=judge",
+        "eval.max_episodes=1",
         f"cluster.run_dir={run_dir}",
         "algorithm.total_steps=2",
         "learner.resume=never",
@@ -109,6 +112,8 @@ def test_ray_job_submit_on_a_loopback_cluster(tiny_model_dir, states_file, judge
         assert "succeeded" in (job.stdout + job.stderr).lower()
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["policy_version"] == 2
+        evaluations = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/episodes" in l]
+        assert [e["step"] for e in evaluations] == [0, 2]  # before and after training
     finally:
         stop_process_group(head)
 
