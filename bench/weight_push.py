@@ -89,6 +89,7 @@ def main() -> None:
         reference.load_state_dict(tensors, strict=False)  # the tied lm_head follows the embedding
         return time.perf_counter() - start
 
+    in_process_copy()  # warm-up: from_pretrained may memory-map the checkpoint; the first writes fault its pages in
     version = 0
     results: dict[str, list[float]] = {"object_store": [], "broadcast": [], "copy": [], "gather": [], "actor_only": []}
     for transport in TRANSPORTS:
