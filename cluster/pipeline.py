@@ -29,8 +29,9 @@ freshly seeded engine, so its new episodes differ from what an uninterrupted run
 **Demonstrations** (:func:`make_demos`, spec §1.2, §6, §9.15). For each state and each requested mode the expert
 is asked, through the judge client (retries, parse rounds, structured output), for a JSON object with that mode's
 section texts and the final `answer`. The schema bounds every field and keeps double quotes, backslashes and
-newlines out of it (a character class with a bounded repetition: xgrammar rejects `pattern` combined with
-`maxLength`), so even a weak local expert writes the exact format. The response is assembled with
+newlines out of it (a character class with a bounded repetition, in chunks of 50 because xgrammar rejects
+`pattern` combined with `maxLength` and fails on repetitions of a few hundred), so even a weak local expert writes
+the exact format. The response is assembled with
 `reward.modes.format_response` and kept only if `parse_response` accepts it as that mode; an answer that cannot be
 assembled starts another parse round, and what still fails is a rejection with its reason. Results are appended to
 `<out>.partial.jsonl` as they arrive (a re-run skips what is there) and the alpaca JSON is written at the end in
@@ -502,9 +503,25 @@ SECTION_GUIDE: dict[str, str] = {
 ANSWER_GUIDE = "your final reply, exactly what your character says next (without quotation marks)"
 
 
+_LINE_CHAR = '[^"\\\\\\n]'
+"""A regex class: any character but a double quote, a backslash or a newline."""
+_CHUNK = 50
+"""xgrammar fails to compile a bounded repetition of a few hundred (it compiles up to about 128), so long fields
+repeat chunks of this size instead."""
+
+
+def _field_limit(max_chars: int) -> int:
+    """The longest text `_text_field(max_chars)` admits: `max_chars` rounded up to a whole number of chunks."""
+    return max_chars if max_chars <= _CHUNK else _CHUNK * -(-max_chars // _CHUNK)
+
+
 def _text_field(max_chars: int) -> dict[str, Any]:
     """One bounded line of text without double quotes or backslashes (see the module docstring)."""
-    return {"type": "string", "pattern": f'[^"\\\\\\n]{{1,{max_chars}}}'}
+    if max_chars < 1:
+        raise ValueError(f"a text field needs room for at least one character, got {max_chars}")
+    if max_chars <= _CHUNK:
+        return {"type": "string", "pattern": f"{_LINE_CHAR}{{1,{max_chars}}}"}
+    return {"type": "string", "pattern": f"({_LINE_CHAR}{{1,{_CHUNK}}}){{1,{-(-max_chars // _CHUNK)}}}"}
 
 
 def demo_schema(mode: int, *, section_max_chars: int = 400, answer_max_chars: int = 300) -> dict[str, Any]:
@@ -619,7 +636,8 @@ async def make_demos_async(
     if unknown or not modes:
         raise ValueError(f"modes must be some of {MODES}, got {list(modes)}")
     # A token holds at least one character, so this budget always lets the longest mode's JSON close.
-    needed = max(len(MODE_SECTIONS[m]) * (section_max_chars + 8) + answer_max_chars + 24 for m in modes)
+    section_limit, answer_limit = _field_limit(section_max_chars), _field_limit(answer_max_chars)
+    needed = max(len(MODE_SECTIONS[m]) * (section_limit + 8) + answer_limit + 24 for m in modes)
     if expert_config.max_tokens < needed:
         log.info("raising the expert's max_tokens from %d to %d so that the longest answer fits",
                  expert_config.max_tokens, needed)
@@ -986,12 +1004,13 @@ def summarise_results(records: Iterable[Mapping[str, Any]]) -> ResultsSummary:
     return summarise([summary_view(record) for record in records])
 
 
-def eval_metrics(summary: ResultsSummary) -> dict[str, float]:
+def eval_metrics(summary: ResultsSummary, *, hard_only: bool = False) -> dict[str, float]:
     """Flat numbers for metrics.jsonl and plots: `eval/goal_actor`, `eval/goal_opponent`, `eval/goal_avg`, the same
-    for `overall`, and `eval/hard_*` when hard episodes were evaluated; plus episode counts."""
+    for `overall`, and `eval/hard_*` when hard episodes were evaluated; plus episode counts. A hard-only
+    evaluation reports only the `eval/hard_*` figures (spec §5.5), so a curve never mixes the two subsets."""
     metrics: dict[str, float] = {"eval/episodes": float(summary.all.episodes), "eval/excluded": float(summary.excluded)}
     for prefix, subset in (("", summary.all), ("hard_", summary.hard)):
-        if subset.episodes == 0:
+        if subset.episodes == 0 or (hard_only and not prefix):
             continue
         for side, stats in (("actor", subset.actor), ("opponent", subset.opponent), ("avg", subset.average)):
             metrics[f"eval/{prefix}goal_{side}"] = stats["goal"].mean
@@ -1007,9 +1026,10 @@ class EvalReport:
     summary: ResultsSummary
     markdown: str
     text: str
+    hard_only: bool = False
 
     def metrics(self) -> dict[str, float]:
-        return eval_metrics(self.summary)
+        return eval_metrics(self.summary, hard_only=self.hard_only)
 
 
 def _partner_from(section: JudgeConfig, endpoint: Endpoint) -> OpenAIPartner:
@@ -1066,7 +1086,7 @@ async def evaluate_async(
         if partner_client is not None:
             await partner_client.close()
     summary = summarise_results(record.model_dump() for record in records)
-    report = EvalReport(out_path, summary, render_summary(summary, "markdown"), render_summary(summary, "text"))
+    report = EvalReport(out_path, summary, render_summary(summary, "markdown"), render_summary(summary, "text"), hard_only)
     out_path.with_name(out_path.stem + ".summary.md").write_text(report.markdown)
     return report
 
@@ -1100,6 +1120,29 @@ def evaluate(
             )
 
     return asyncio.run(main())
+
+
+def driver_evaluation(config: Config, *, judge: Endpoint, out_dir: str | Path) -> Any:
+    """The training driver's `evaluate(driver, step)` hook: a self-play evaluation through the driver's own rollout
+    actors, on the schedule of spec §5.6 (all episodes at step 0, at multiples of `eval.full_every_steps` and at
+    the last step; the hard subset otherwise when `eval.hard_only`), results in `<out_dir>/step_<step>.jsonl`.
+    Returns the `eval/*` metrics the driver appends to metrics.jsonl. Training goes on meanwhile, so a late
+    episode may be played by a newer policy version than its first turns."""
+    out_dir = Path(out_dir)
+
+    async def run(driver: Any, step: int) -> dict[str, float]:
+        full_every = config.eval.full_every_steps
+        full = step == 0 or step >= config.algorithm.total_steps or bool(full_every and step % full_every == 0)
+        hard_only = config.eval.hard_only and not full
+        policy = RolloutPolicy.from_config(driver.rollout_actors, config.rollout)
+        result = await evaluate_async(
+            config, policy=policy, judge=judge, out_path=out_dir / f"step_{step:06d}.jsonl", hard_only=hard_only,
+            max_episodes=config.eval.max_episodes, progress=False,
+        )
+        log.info("evaluation at step %d (%s): %s", step, "hard subset" if hard_only else "all episodes", _headline(result.summary))
+        return result.metrics()
+
+    return run
 
 
 # ---- report ------------------------------------------------------------------------------------------------------

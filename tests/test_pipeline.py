@@ -30,6 +30,7 @@ from cluster.pipeline import (
     check_data,
     demo_prompt,
     demo_schema,
+    driver_evaluation,
     eval_metrics,
     evaluate_async,
     judge_endpoint,
@@ -215,6 +216,10 @@ def test_demo_schema_prompt_and_assembly():
     assert schema["properties"]["answer"] == {"type": "string", "pattern": '[^"\\\\\\n]{1,20}'}
     assert re.fullmatch(schema["properties"]["History"]["pattern"], "plain words, 'single' quotes")
     assert not re.fullmatch(schema["properties"]["History"]["pattern"], 'a "quote"')
+    # Long fields repeat chunks of 50 (xgrammar cannot compile a repetition of a few hundred): 120 admits 150.
+    long = demo_schema(2, section_max_chars=120)["properties"]["Intent"]["pattern"]
+    assert long == '([^"\\\\\\n]{1,50}){1,3}'
+    assert re.fullmatch(long, "x" * 150) and not re.fullmatch(long, "x" * 151) and not re.fullmatch(long, "a\nb")
     assert list(demo_schema(1)["properties"]) == ["answer"]
     prompt = demo_prompt(demo_states()[1], 2)
     assert prompt.startswith(demo_states()[1].instruction.rstrip() + "\n\n---\n") and "Thinking Level 2" in prompt
@@ -260,6 +265,31 @@ async def test_eval_self_play_judged_and_resumed(fault_server, tmp_path):
     again = await evaluate_async(config, policy=ScriptedPolicy(), judge=judge, out_path=out, max_episodes=3,
                                  progress=False)
     assert fault_server.counts()["ok"] == calls and again.text == result.text
+
+
+class ScriptedActor:
+    """A stand-in rollout actor: `generate(request)` answers like ScriptedPolicy, as a one-sample group."""
+
+    async def generate(self, request):
+        from actors.records import Group, Sample
+
+        generation = (await ScriptedPolicy()([list(request.messages)]))[0]
+        sample = Sample(request.group_id, request.state_id, 0, (1,), (2, 3), (-1.0, -1.0), 0, generation.text, "stop")
+        return Group(request, (sample,))
+
+
+async def test_driver_evaluation_follows_the_full_and_hard_schedule(fault_server, tmp_path):
+    config = pipeline_config(fault_server.base_url, "eval.max_turns=1", "eval.max_episodes=null", "eval.hard_only=true",
+                             "eval.full_every_steps=4", "algorithm.total_steps=6")
+    hook = driver_evaluation(config, judge=Endpoint(fault_server.base_url, "fault-judge"), out_dir=tmp_path)
+    driver = type("Driver", (), {"rollout_actors": [ScriptedActor()]})()
+    played = {}
+    for step in (0, 2, 4, 6):
+        metrics = await hook(driver, step)
+        played[step] = len((tmp_path / f"step_{step:06d}.jsonl").read_text().splitlines())
+        assert ("eval/goal_actor" in metrics) == (step != 2) and "eval/hard_goal_actor" in metrics
+    # Full evaluations at steps 0, 4 (a multiple of full_every_steps) and 6 (the last); the hard subset at step 2.
+    assert played == {0: len(DATA), 2: len(DATA.hard_ids), 4: len(DATA), 6: len(DATA)}
 
 
 def fault_server_prompt(record: dict) -> str:
