@@ -267,6 +267,20 @@ async def test_eval_self_play_judged_and_resumed(fault_server, tmp_path):
     assert fault_server.counts()["ok"] == calls and again.text == result.text
 
 
+async def test_eval_against_a_partner_plays_both_sides(fault_server, tmp_path):
+    config = pipeline_config(fault_server.base_url, "eval.max_turns=2")
+    server = Endpoint(fault_server.base_url, "fault-judge")
+    result = await evaluate_async(config, policy=ScriptedPolicy(), judge=server, partner=server,
+                                  out_path=tmp_path / "vs.jsonl", max_episodes=2, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "vs.jsonl").read_text().splitlines()]
+    assert sorted((r["env_id"], r["actor_role"]) for r in records) == [(0, "agent1"), (0, "agent2"), (1, "agent1"), (1, "agent2")]
+    assert all(r["run_mode"] == "vs_partner" for r in records)
+    # The model speaks turn 0 as agent 1 and turn 1 as agent 2; only its own turns count in the mode usage.
+    assert result.summary.modes.turns == {"1": 2, "2": 2}
+    actor_goals = [r[f"{r['actor_role']}_scores"]["goal"][1] for r in records]
+    assert result.summary.all.actor["goal"].mean == pytest.approx(sum(actor_goals) / 4)
+
+
 class ScriptedActor:
     """A stand-in rollout actor: `generate(request)` answers like ScriptedPolicy, as a one-sample group."""
 
