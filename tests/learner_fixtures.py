@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
 
-import pytest
 
 from actors.records import GroupRequest, SamplingSpec, Sample, ScoredGroup, ScoredSample
 
@@ -94,12 +92,3 @@ def make_groups(count: int, *, n: int = 4, version: int = 0, prefix: str = "g", 
         lens = [rng.randint(4, 12) for _ in range(n)]
         groups.append(make_group(f"{prefix}{g}", rewards, version=version, response_lens=lens, seed=seed))
     return groups
-
-
-@pytest.fixture(scope="session")
-def engine_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with 2 attention heads (head_dim 32) for tests that load it in vLLM: the CPU attention
-    backend starts at head_dim 32 and the shared ``tiny_model_dir`` has 16. Import it into the test module."""
-    from cluster.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("learner-engine-model"), num_heads=2, num_kv_heads=1)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from learner_fixtures import engine_tiny_model_dir  # noqa: F401  (fixture)
 
 from learner.bc import BCDataError, build_messages, infer_seqlen, load_bc_records, run_bc, tokenize_record
 from learner.config import BCConfig, LearnerConfig
@@ -91,13 +90,13 @@ def test_infer_seqlen_matches_llamafactory() -> None:
 
 
 @pytest.mark.slow
-def test_bc_lowers_the_loss_and_the_export_loads_in_vllm(ray_local, engine_tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_bc_lowers_the_loss_and_the_export_loads_in_vllm(ray_local, tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     config = BCConfig(lr=1e-2, warmup_ratio=0.1, epochs=4, batch_size=4, cutoff_len=512)
     learner = LearnerConfig(num_ranks=1, micro_batch_size=4, mixed_precision="fp32", gradient_checkpointing=True)
-    out = run_bc(config, demo_records(16), engine_tiny_model_dir, tmp_path / "bc_model", learner=learner)
+    out = run_bc(config, demo_records(16), tiny_model_dir, tmp_path / "bc_model", learner=learner)
 
     history = [json.loads(line) for line in (out / "bc_metrics.jsonl").read_text().splitlines()]
     assert len(history) == 16  # 4 epochs × 4 steps

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from learner_fixtures import engine_tiny_model_dir, make_groups  # noqa: F401  (fixture)
+from learner_fixtures import make_groups
 
 from actors.config import RolloutConfig
 from actors.records import GroupRequest, SamplingSpec
@@ -85,7 +85,7 @@ def learner_gap(ray, group, actor) -> float:
 
 
 @pytest.mark.slow
-def test_pushes_reach_a_live_rollout_actor_by_both_transports(ray_local, engine_tiny_model_dir: Path) -> None:
+def test_pushes_reach_a_live_rollout_actor_by_both_transports(ray_local, tiny_model_dir: Path) -> None:
     """2 learner ranks push to a vLLM rollout actor: after each push the engine's log-probs equal the learner's
     (fp32 both), the learner steps on while a push is in flight, and the actor reports the new version."""
     from actors.rollout import create_rollout_actors
@@ -93,7 +93,7 @@ def test_pushes_reach_a_live_rollout_actor_by_both_transports(ray_local, engine_
 
     ray = ray_local
     rollout = RolloutConfig(
-        model=str(engine_tiny_model_dir),
+        model=str(tiny_model_dir),
         dtype="float32",
         max_model_len=1024,
         max_num_batched_tokens=1024,
@@ -101,9 +101,9 @@ def test_pushes_reach_a_live_rollout_actor_by_both_transports(ray_local, engine_
         weight_update_timeout_s=60.0,
         max_restarts=0,
     )
-    (actor,) = create_rollout_actors(rollout, engine_tiny_model_dir, num=1, num_cpus=1)
+    (actor,) = create_rollout_actors(rollout, tiny_model_dir, num=1, num_cpus=1)
     learner = LearnerConfig(num_ranks=2, micro_batch_size=4, lr=1e-2, mixed_precision="fp32", gradient_checkpointing=False, dist_timeout_s=60.0)
-    group = LearnerGroup(learner, engine_tiny_model_dir, algorithm=AlgorithmConfig(max_staleness=4))
+    group = LearnerGroup(learner, tiny_model_dir, algorithm=AlgorithmConfig(max_staleness=4))
     try:
         ray.get(actor.health.remote(), timeout=180)
         before = learner_gap(ray, group, actor)  # same initial weights on both sides
