@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-
 from actors.records import GroupRequest, SamplingSpec, Sample, ScoredGroup, ScoredSample
 
 # The tiny model's tokenizer has 3 special tokens (ids 0-2) and a vocabulary of about 500 ids.
