@@ -19,7 +19,7 @@ from typing import Any
 from actors.sotopia import SotopiaDataset
 from actors.states import read_states
 from cluster.config import Config, dump_config
-from cluster.models import is_complete, resolve_model
+from cluster.models import resolve_model
 from cluster.pipeline import build_states, evaluate, make_demos, open_endpoint, opening_states, report, run_bc_command, select_episodes
 
 log = logging.getLogger(__name__)

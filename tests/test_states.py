@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actors.states import RLState, StateDataError, check_states, read_states, training_rows, write_states
+from actors.states import StateDataError, check_states, read_states, training_rows, write_states
 
 SYSTEM = "You switch between four thinking levels."
 
