@@ -19,8 +19,8 @@ Policy version of a sample
     log-probs stay exact either way because vLLM reports the distribution each token was drawn from.
 
 Weight updates (see `actors/weights.py` for the transports)
-    An update pauses the scheduler in "keep" mode (in-flight requests stay queued, none is dropped),
-    loads the weights through the worker extension, clears the prefix/KV cache and resumes. Clearing
+    An update pauses the scheduler in "keep" mode (in-flight requests stay queued, none is dropped) and
+    clears the prefix/KV cache, loads the weights through the worker extension, then resumes. Clearing
     the cache makes every token computed after the update — including the recomputed prefixes of
     requests that were in flight — use the new weights, and keeps a request tagged with the new version
     from reusing KV entries computed by the old one. Generation calls keep being accepted during an
