@@ -20,15 +20,6 @@ MESSAGES = (
 )
 
 
-@pytest.fixture(scope="module")
-def engine_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with head_dim 32: vLLM's CPU attention supports head sizes from 32 up, and the shared
-    `tiny_model_dir` (4 heads over 64 dims) has 16."""
-    from cluster.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-vllm"), num_heads=2, num_kv_heads=1)
-
-
 def engine_config(model_dir: Path, **overrides: object) -> RolloutConfig:
     """Small, fast engines: fp32, eager, 64 MiB of KV cache."""
     fields: dict[str, object] = dict(
@@ -46,10 +37,10 @@ def engine_config(model_dir: Path, **overrides: object) -> RolloutConfig:
 
 
 @pytest.fixture(scope="module")
-def actors(ray_local, engine_model_dir):
+def actors(ray_local, tiny_model_dir):
     from actors.rollout import create_rollout_actors
 
-    handles = create_rollout_actors(engine_config(engine_model_dir), engine_model_dir, num=2, num_cpus=1)
+    handles = create_rollout_actors(engine_config(tiny_model_dir), tiny_model_dir, num=2, num_cpus=1)
     ray_local.get([a.health.remote() for a in handles], timeout=180)
     yield handles
     for handle in handles:
@@ -104,13 +95,13 @@ def test_ray_options_restart_the_actor_but_never_replay_calls():
 
 
 @pytest.mark.slow
-def test_group_has_n_samples_with_a_logprob_per_token(ray_local, actors, engine_model_dir):
+def test_group_has_n_samples_with_a_logprob_per_token(ray_local, actors, tiny_model_dir):
     from transformers import AutoTokenizer
 
     request = GroupRequest("g-chat", "s-1", messages=MESSAGES, sampling=SamplingSpec(n=4, max_tokens=24))
     group = ray_local.get(actors[0].generate.remote(request), timeout=60)
 
-    tokenizer = AutoTokenizer.from_pretrained(engine_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     expected_prompt = tokenizer.apply_chat_template(
         list(MESSAGES), add_generation_prompt=True, tokenize=True, return_dict=False
     )
@@ -161,14 +152,14 @@ def test_two_actors_serve_at_once(ray_local, actors):
 
 
 @pytest.mark.slow
-def test_update_during_generation_loses_no_request(ray_local, actors, engine_model_dir):
+def test_update_during_generation_loses_no_request(ray_local, actors, tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
     from actors.weights import serialize_weights
 
     actor = actors[0]
-    model = AutoModelForCausalLM.from_pretrained(engine_model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for param in model.parameters():
@@ -201,7 +192,7 @@ def test_update_during_generation_loses_no_request(ray_local, actors, engine_mod
 def test_health_is_cheap_and_complete(ray_local, actors):
     start = time.monotonic()
     health = ray_local.get(actors[1].health.remote(), timeout=10)
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 5.0  # one Ray round trip, no engine call
     assert set(health) >= {
         "actor",
         "alive",
