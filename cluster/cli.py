@@ -88,9 +88,9 @@ def _train(args: argparse.Namespace) -> int:
     import json
 
     from actors.states import read_states
-    from cluster.driver import TrainingDriver, sotopia_evaluation
+    from cluster.driver import TrainingDriver
     from cluster.models import resolve_model
-    from cluster.pipeline import judge_endpoint
+    from cluster.pipeline import Endpoint, driver_evaluation, judge_endpoint
     from cluster.ray_cluster import connect
 
     config = load_config(args.config, args.overrides)
@@ -105,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
             eval_url, eval_model = base_url, model  # one local server serves both roles
         else:
             eval_url, eval_model = stack.enter_context(judge_endpoint(config.eval.judge, config, what="evaluator"))
-        evaluation = sotopia_evaluation(config, eval_url, eval_model)
+        evaluation = driver_evaluation(config, judge=Endpoint(eval_url, eval_model), out_dir=config.cluster.run_dir / "eval")
         driver = TrainingDriver(config, states, policy, judge_url=base_url, judge_model=model, evaluate=evaluation)
         summary = driver.run()
     print(json.dumps(summary, indent=2))

@@ -582,31 +582,3 @@ def raise_if_failed(driver: TrainingDriver) -> None:
     if failure is not None:
         raise failure
 
-
-def sotopia_evaluation(config: Config, judge_url: str, judge_model: str) -> Callable[[TrainingDriver, int], Awaitable[dict[str, float]]]:
-    """The driver's periodic evaluation (spec §5.6): self-play episodes of the current policy served by the
-    driver's own rollout actors, judged on 7 dimensions. All episodes before training, at multiples of
-    `eval.full_every_steps` and at the end; the hard subset at the other multiples of `eval.every_steps`
-    when `eval.hard_only`. Results go to `<run_dir>/eval/step_<N>.jsonl`; the returned GOAL/overall numbers
-    are logged with the step."""
-    from cluster.pipeline import Endpoint, RolloutPolicy, chat_token_counter, evaluate_async
-
-    judge = Endpoint(judge_url, judge_model)
-
-    async def run(driver: TrainingDriver, step: int) -> dict[str, float]:
-        full_every = config.eval.full_every_steps
-        full = step == 0 or step >= config.algorithm.total_steps or bool(full_every and step % full_every == 0)
-        report = await evaluate_async(
-            config,
-            policy=RolloutPolicy.from_config(driver.rollout_actors, config.rollout),
-            judge=judge,
-            out_path=driver.run_dir / "eval" / f"step_{step:06d}.jsonl",
-            count_tokens=chat_token_counter(driver.policy_path),
-            hard_only=config.eval.hard_only and not full,
-            max_episodes=config.eval.max_episodes,
-            progress=False,
-        )
-        log.info("evaluation at step %d: %s", step, {k: round(v, 2) for k, v in report.metrics().items()})
-        return report.metrics()
-
-    return run
