@@ -45,6 +45,11 @@ TOPICS = [
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="ampo-bench-rollout-") as tmp:
+        measure(Path(tmp))
+
+
+def measure(tmp: Path) -> None:
     # Same engine environment for the actor and the bare engine. OpenMP threads that spin while waiting
     # make wall times on a shared CPU swing several-fold with load from elsewhere (the bare engine was
     # measured between 200 and 2400 tokens/s within one run); sleeping waits on both sides keep the
@@ -62,9 +67,7 @@ def main() -> None:
     from actors.rollout import create_rollout_actors, engine_kwargs, sampling_params
     from cluster.models import build_tiny_model
 
-    model_dir = build_tiny_model(
-        Path(tempfile.mkdtemp(prefix="ampo-bench-")), hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4
-    )
+    model_dir = build_tiny_model(tmp, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4)
     config = RolloutConfig(
         model=str(model_dir),
         dtype="float32",
