@@ -26,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,9 @@ def discover() -> list[str]:
     return [name for name in BENCHES if name in found] + [name for name in found if name not in BENCHES]
 
 
-def run_script(name: str, quick: bool) -> list[Row]:
-    """Run one bench script; its RESULT lines become rows (or failed rows for the RESULTs it owed)."""
+def run_script(name: str, quick: bool, log_dir: Path) -> list[Row]:
+    """Run one bench script; its RESULT lines become rows (or failed rows for the RESULTs it owed). Its whole output
+    goes to ``log_dir/<name>.log``: the figures behind a ratio are what explains a miss."""
     bench = BENCHES.get(name, Bench({}))
     command = [sys.executable, str(BENCH_DIR / f"{name}.py"), *(bench.quick_args if quick else ())]
     print(f"[bench] {name}: {' '.join(command[1:])} (limit {bench.timeout_s:.0f} s)", file=sys.stderr, flush=True)
@@ -114,6 +116,7 @@ def run_script(name: str, quick: bool) -> list[Row]:
         output, _ = process.communicate()
         note = f"timed out after {bench.timeout_s:.0f} s"
     seconds = time.monotonic() - started
+    (log_dir / f"{name}.log").write_text(output)
     results = {m.group(1): m.group(2) for m in map(RESULT_LINE.match, output.splitlines()) if m}
     if note or not results:
         tail = "\n".join(output.splitlines()[-25:])
@@ -200,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n in wanted]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_start = load()
-    rows = [row for name in names for row in run_script(name, args.quick)]
+    log_dir = Path(tempfile.mkdtemp(prefix="ampo-bench-logs-"))
+    print(f"[bench] full output of each script goes to {log_dir}", file=sys.stderr, flush=True)
+    rows = [row for name in names for row in run_script(name, args.quick, log_dir)]
     command = "python -m bench" + (f" --only {','.join(names)}" if args.only else "") + (" --quick" if args.quick else "")
     block = markdown(rows, machine(), load_start, load(), date, command)
     print(block)
