@@ -219,7 +219,7 @@ def _make_demos(args: argparse.Namespace) -> int:
         dataset = SotopiaDataset.load(config.data.scenarios)
         states = opening_states(dataset, dataset.episodes(), hide_private_info=config.data.hide_private_info)
     states = states[: args.max_states] if args.max_states is not None else states
-    expert_section = config.reward.judge.model_copy(update={"greedy_rounds": min(config.reward.judge.greedy_rounds, 1)})
+    expert_section = config.reward.judge
     if args.expert_url is not None:
         expert_section = expert_section.model_copy(update={"base_url": args.expert_url})
     if args.expert_model is not None:

@@ -642,6 +642,8 @@ async def make_demos_async(
         log.info("raising the expert's max_tokens from %d to %d so that the longest answer fits",
                  expert_config.max_tokens, needed)
         expert_config = expert_config.model_copy(update={"max_tokens": needed})
+    # At temperature 0 a second greedy round only repeats a rejected answer: go to sampling after one.
+    expert_config = expert_config.model_copy(update={"greedy_rounds": min(expert_config.greedy_rounds, 1)})
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.parent / f"{out_path.name}.partial.jsonl"
