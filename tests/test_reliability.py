@@ -1,0 +1,444 @@
+"""Reliability suite (issue 8, point 5; summary in docs/reliability.md): what a fault costs a run.
+
+* a judge failing 30 % of its calls in several ways: the run finishes and no sample is silently scored;
+* a rollout actor and a reward actor killed mid-run: both restarted, no group lost or duplicated;
+* the learner killed mid-run: the run fails, a new driver resumes at the checkpoint's step and, over both runs,
+  no prompt is skipped or repeated;
+* a matrix of bad inputs, each with the clear error it gets;
+* the judge API key never written to a log, the config dump, a checkpoint or a metric.
+
+The driver runs on the tiny model; where the judge must actually be asked, the policy is first behaviour-cloned
+for a few seconds on short demonstrations (``tests/rule_rewards.py``) so that its samples are well-formed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from judge_fixtures import BROKEN_RESPONSE, make_group, reward_config, response
+from rule_rewards import SYSTEM, bc_policy, short_prompt_states
+
+from actors.sotopia import SotopiaDataset
+from actors.states import RLState, StateDataError, make_state, read_states, training_rows
+from cluster.config import Config, ConfigError, load_config
+from cluster.driver import DataCursor, StateStream, TrainingDriver
+from cluster.models import resolve_model
+from cluster.pipeline import BCRecordError, read_bc_records
+from learner.checkpoint import latest_checkpoint, read_checkpoint
+from reward.fault_server import OUTCOMES, FaultConfig, FaultServer
+from reward.modes import format_response
+from reward.pool import FORMAT_ERROR_MODE, RewardScorer, load_tokenizer
+from reward.prompts import goal_prompt
+
+JUDGE_FAULTS = tuple(kind for kind in OUTCOMES if kind != "ok")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+class KeyRecordingServer(FaultServer):
+    """The fault-injecting judge, also recording the ``Authorization`` header of every chat request (to prove
+    the secret key was really sent, while the rest of the test proves it was never written anywhere)."""
+
+    def __init__(self, config: FaultConfig) -> None:
+        super().__init__(config)
+        self.authorizations: list[str] = []
+
+    async def _chat(self, request: Any) -> Any:
+        self.authorizations.append(request.headers.get("Authorization", ""))
+        return await super()._chat(request)
+
+
+@pytest.fixture(scope="module")
+def bundled_states() -> list[RLState]:
+    dataset = SotopiaDataset.load()
+    return [make_state(dataset, i, [], (5.0, 5.0)) for i in range(12)]
+
+
+def driver_config(tiny_config_path: Path, model: Path, run_dir: Path, *overrides: str) -> Config:
+    return load_config(tiny_config_path, [f"rollout.model={model}", f"cluster.run_dir={run_dir}", *overrides])
+
+
+def read_rollouts(run_dir: Path, files: list[Path] | None = None) -> pa.Table:
+    paths = files if files is not None else sorted((run_dir / "rollouts").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in paths])
+
+
+def group_state_ids(table: pa.Table) -> dict[str, str]:
+    """group id → state id, checking that every sample of a group names the same state."""
+    found: dict[str, str] = {}
+    for group_id, state_id in zip(table.column("group_id").to_pylist(), table.column("state_id").to_pylist()):
+        assert found.setdefault(group_id, state_id) == state_id, f"group {group_id} mixes states"
+    return found
+
+
+def groups_in_files(files: list[Path]) -> list[str]:
+    """Group ids in the order their rows were written; a group written twice appears twice."""
+    return [g for p in files for g in dict.fromkeys(pq.read_table(p).column("group_id").to_pylist())]
+
+
+def seeded_state_ids(config: Config, states: list[RLState], count: int) -> list[str]:
+    """The state id the driver's seeded data order gives group g0 … g<count-1>."""
+    stream = StateStream(states, DataCursor(seed=config.data.seed), config.data.shuffle)
+    return [states[stream.next_index()].state_id for _ in range(count)]
+
+
+def assert_accounted(summary: dict[str, Any]) -> None:
+    """The driver's accounting identity (see cluster/driver.py)."""
+    groups, depth = summary["groups"], summary["queue"]["depth"]
+    assert groups["issued"] == groups["generated"] == groups["scored"], groups
+    assert groups["scored"] == groups["consumed"] + groups["refused"] + groups["dropped"] + depth, (groups, depth)
+    assert groups["queued"] == groups["consumed"] + groups["dropped"] + depth, (groups, depth)
+
+
+def contiguous(group_ids: set[str]) -> bool:
+    return sorted(int(g[1:]) for g in group_ids) == list(range(len(group_ids)))
+
+
+# ---------------------------------------------------------------------------------------------------- (a) + (e)
+
+
+@pytest.fixture(scope="module")
+def faulty_judge_run(ray_local, tiny_model_dir: Path, tiny_config_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One driver run of a behaviour-cloned tiny policy against a judge that fails 30 % of its calls (every fault
+    kind), with a recognisable secret as the judge API key (environment variable in the driver, key file for the
+    reward actors, whose environment Ray fixed when it started). No retries and one parse round, so each injected
+    fault becomes a failed sample whose reason the test can check against the server's log."""
+    tmp = tmp_path_factory.mktemp("faulty-judge")
+    policy = bc_policy(tiny_model_dir, tmp / "bc")
+    secret = f"sk-ampo-secret-{uuid.uuid4().hex}"
+    key_file = tmp / "judge.key"
+    key_file.write_text(secret)
+    states = short_prompt_states(12)  # one epoch: each group its own state, so a question is asked once
+    fault = FaultConfig(fault_rate=0.3, mix={kind: 1.0 for kind in JUDGE_FAULTS}, hang_s=6.0, retry_after_s=0.05, seed=3)
+    run_dir = tmp / "run"
+    config = driver_config(
+        tiny_config_path, policy, run_dir,
+        "rollout.max_response_tokens=48", "rollout.n=4", "algorithm.groups_per_step=4", "algorithm.total_steps=3",
+        "algorithm.max_staleness=0", "learner.checkpoint_every=1", "learner.resume=never",
+        "reward.judge.timeout_s=4.0", "reward.judge.max_retries=0", "reward.judge.parse_rounds=1",
+        f"reward.judge.api_key_file={key_file}",
+    )
+    captured: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append(self.format(record))
+
+    handler = Capture(level=logging.DEBUG)
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    pool_stats: list[Any] = []
+    try:
+        with pytest.MonkeyPatch.context() as patch, KeyRecordingServer(fault) as server:
+            patch.setenv("AMPO_JUDGE_API_KEY", secret)
+            driver = TrainingDriver(
+                config, states, policy, judge_url=server.base_url, judge_model="judge",
+                # With max_staleness 0 nothing is in flight when a step is logged: the pool has scored exactly the
+                # groups consumed so far. The pool is gone after run(), so its counts are read here.
+                on_step=lambda record: pool_stats.append(driver.reward_pool.stats()),
+            )
+            summary = driver.run()
+            counts, judge_log = server.counts(), server.log
+            authorizations = list(server.authorizations)
+            port = ray_local._private.worker.global_worker.node.metrics_export_port
+            scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+    yield {
+        "summary": summary, "run_dir": run_dir, "states": states, "pool": pool_stats[-1], "counts": counts,
+        "judge_log": judge_log, "server": server, "secret": secret, "authorizations": authorizations,
+        "logs": captured, "scrape": scrape, "session_dir": Path(ray_local._private.worker._global_node.get_session_dir_path()),
+    }
+
+
+@pytest.mark.slow
+def test_30_percent_judge_faults_nothing_silently_scored(faulty_judge_run: dict[str, Any]) -> None:
+    run = faulty_judge_run
+    summary, pool, counts, server = run["summary"], run["pool"], run["counts"], run["server"]
+    assert summary["steps"] == 3 and not summary["interrupted"]
+    assert_accounted(summary)
+    table = read_rollouts(run["run_dir"])
+    rows = table.to_pylist()
+    contexts = {s.state_id: s.reward_context() for s in run["states"]}
+    assert len(rows) == 3 * 4 * 4 == summary["groups"]["consumed"] * 4
+
+    failures: Counter[str] = Counter()
+    judged = format_errors = 0
+    for row in rows:
+        assert row["reward"] is not None or row["failure"] is not None, row  # never neither
+        if not row["format_valid"]:
+            assert row["reward"] == -2.0 and row["failure"].startswith(FORMAT_ERROR_MODE)
+            format_errors += 1
+            continue
+        outcomes = server.outcomes_for(goal_prompt(contexts[row["state_id"]], row["answer"]))
+        assert len(outcomes) == 1, outcomes  # one round, no retries: one call per question
+        if row["reward"] is None:
+            assert row["failure"] == outcomes[0] and row["judge_after"] is None  # the reason is what the server did
+            failures[row["failure"]] += 1
+        else:
+            assert outcomes[0] == "ok" and row["failure"] is None and row["judge_after"] is not None
+            judged += 1
+    injected = {kind: n for kind, n in counts.items() if kind != "ok"}
+    # Samples with the same answer in a group share one question, so samples ≥ calls per outcome.
+    assert set(failures) == set(injected) and all(failures[k] >= injected[k] for k in injected), (failures, injected)
+    assert len(injected) >= 3, injected  # several fault kinds really happened
+    assert judged > 0 and format_errors + judged + sum(failures.values()) == len(rows)
+
+    # The pool's own counts agree with the table, and its judge client with the server.
+    assert pool.samples == len(rows) and pool.groups == summary["groups"]["scored"]
+    assert pool.format_errors == format_errors
+    assert dict(pool.invalid) == dict(failures)
+    assert pool.judge.calls == sum(counts.values()) == len(run["judge_log"])
+    assert dict(pool.judge.failures) == injected and pool.judge.succeeded == counts["ok"]
+    # … and so do the per-step metrics.
+    lines = [json.loads(line) for line in (run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert round(sum(l["samples"] for l in lines)) == len(rows)
+    assert round(sum(l["unscored_ratio"] * l["samples"] for l in lines)) == sum(failures.values())
+    assert round(sum(l["format_error_ratio"] * l["samples"] for l in lines)) == format_errors
+    print(f"\n30% judge faults: {len(rows)} samples: {judged} judged, {format_errors} format errors, "
+          f"unscored {dict(failures)}; server outcomes {dict(counts)}")
+
+
+@pytest.mark.slow
+def test_judge_api_key_is_never_written(faulty_judge_run: dict[str, Any]) -> None:
+    run = faulty_judge_run
+    secret = run["secret"]
+    assert run["authorizations"] and set(run["authorizations"]) == {f"Bearer {secret}"}  # it was really used
+    assert run["logs"], "the driver's logging was captured"
+    assert not [line for line in run["logs"] if secret in line]
+    written = [p for p in run["run_dir"].rglob("*") if p.is_file()]
+    assert run["run_dir"] / "config.yaml" in written and run["run_dir"] / "metrics.jsonl" in written
+    assert any("checkpoints" in p.parts for p in written) and any("rollouts" in p.parts for p in written)
+    assert [p for p in written if secret.encode() in p.read_bytes()] == []
+    assert secret not in run["scrape"]
+    ray_logs = [p for p in (run["session_dir"] / "logs").rglob("*") if p.is_file()]
+    assert ray_logs, "Ray's worker logs were found"
+    assert [p for p in ray_logs if secret.encode() in p.read_bytes()] == []
+
+
+# ---------------------------------------------------------------------------------------------------- (b)
+
+
+@pytest.fixture(scope="module")
+def judge() -> Iterator[FaultServer]:
+    with FaultServer(FaultConfig(fault_rate=0.0)) as server:
+        yield server
+
+
+def _pid(actor: Any) -> int:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+
+
+@pytest.mark.slow
+def test_killed_rollout_and_reward_actors_restart_without_losing_a_group(
+    ray_local, tiny_model_dir: Path, tiny_config_path: Path, tmp_path: Path, bundled_states: list[RLState], judge: FaultServer
+) -> None:
+    ray = ray_local
+    config = driver_config(
+        tiny_config_path, tiny_model_dir, tmp_path / "run",
+        "algorithm.max_staleness=1", "algorithm.total_steps=4", "learner.resume=never", "learner.checkpoint_every=0",
+    )
+    pids: dict[str, list[int]] = {"rollout": [], "reward": []}
+
+    def kill_at_step_1_check_at_step_3(record: dict[str, Any]) -> None:
+        if record["step"] in (1, 3):
+            pids["rollout"].append(_pid(driver.rollout_actors[0]))
+            pids["reward"].append(_pid(driver.reward_pool.actors[0]))
+        if record["step"] == 1:
+            ray.kill(driver.rollout_actors[0], no_restart=False)
+            ray.kill(driver.reward_pool.actors[0], no_restart=False)
+
+    driver = TrainingDriver(config, bundled_states, tiny_model_dir, judge_url=judge.base_url, judge_model="judge",
+                            on_step=kill_at_step_1_check_at_step_3)
+    summary = driver.run()
+    assert summary["steps"] == 4 and summary["policy_version"] == 4
+    for role, (before, after) in pids.items():
+        assert before != after, f"the {role} actor was not restarted"  # a new process serves after the kill
+    assert_accounted(summary)
+    files = sorted((tmp_path / "run" / "rollouts").glob("*.parquet"))
+    written = groups_in_files(files)
+    assert len(written) == len(set(written)) == summary["groups"]["queued"], "a group was lost or written twice"
+    assert contiguous(set(written))
+    expected = seeded_state_ids(config, bundled_states, len(written))
+    assert all(expected[int(g[1:])] == s for g, s in group_state_ids(read_rollouts(tmp_path / "run")).items())
+    print(f"\nactor kills: groups {summary['groups']}")
+
+
+# ---------------------------------------------------------------------------------------------------- (c)
+
+
+@pytest.mark.slow
+def test_killed_learner_resumes_at_the_checkpoint_without_skipping_or_repeating(
+    ray_local, tiny_model_dir: Path, tiny_config_path: Path, tmp_path: Path, bundled_states: list[RLState], judge: FaultServer
+) -> None:
+    from ray.exceptions import RayActorError
+
+    ray = ray_local
+    run_dir = tmp_path / "run"
+    overrides = ("algorithm.max_staleness=1", "algorithm.total_steps=4", "learner.checkpoint_every=1", "learner.resume=auto")
+    config = driver_config(tiny_config_path, tiny_model_dir, run_dir, *overrides)
+
+    def kill_learner_at_step_2(record: dict[str, Any]) -> None:
+        if record["step"] == 2:  # the step-1 checkpoint exists; step 2's is written after this callback
+            for worker in first.learner.workers:
+                ray.kill(worker, no_restart=False)
+            for worker in first.learner.workers:  # make sure they are gone before the driver goes on
+                try:
+                    ray.get(worker.__ray_ready__.remote(), timeout=60)
+                except RayActorError:
+                    continue
+                raise AssertionError("a killed learner rank still answers")
+
+    first = TrainingDriver(config, bundled_states, tiny_model_dir, judge_url=judge.base_url, judge_model="judge",
+                           on_step=kill_learner_at_step_2)
+    with pytest.raises(RayActorError):
+        first.run()
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None and checkpoint.name == "step_1"
+    saved = read_checkpoint(checkpoint)
+    cursor = saved.data_cursor["cursor"]
+    pending = {f"g{index}" for index, _ in cursor["pending"]}
+    # Groups the checkpoint accounts for: consumed by step 1 or waiting in the saved queue.
+    accounted = {f"g{i}" for i in range(cursor["issued"])} - pending
+    first_files = sorted((run_dir / "rollouts").glob("*.parquet"))
+    first_groups = set(groups_in_files(first_files))
+    assert accounted <= first_groups
+
+    records: list[dict[str, Any]] = []
+    second = TrainingDriver(config, bundled_states, tiny_model_dir, judge_url=judge.base_url, judge_model="judge",
+                            on_step=records.append)
+    summary = second.run()
+    assert records[0]["step"] == saved.step + 1 and records[0]["version"] == saved.version + 1  # the same step again
+    assert summary["steps"] == 4 and summary["policy_version"] == 4
+    assert_accounted(summary)
+    assert summary["groups"]["consumed"] == 4 * config.algorithm.groups_per_step
+    second_files = sorted(set((run_dir / "rollouts").glob("*.parquet")) - set(first_files))
+    second_groups = groups_in_files(second_files)
+    assert len(second_groups) == len(set(second_groups)), "a group was generated twice after the resume"
+    assert not accounted & set(second_groups), "a prompt the checkpoint had accounted for was repeated"
+    assert pending <= set(second_groups), "a prompt in flight at the checkpoint was skipped"
+    assert contiguous(accounted | set(second_groups)), "a prompt was skipped"
+    # Groups re-issued after the resume carry the prompts of the seeded order, as in the first run.
+    tables = read_rollouts(run_dir, first_files + second_files)
+    expected = seeded_state_ids(config, bundled_states, 1 + max(int(g[1:]) for g in first_groups | set(second_groups)))
+    assert all(expected[int(g[1:])] == s for g, s in group_state_ids(tables).items())
+    print(f"\nlearner kill: resumed from {checkpoint.name}; {len(pending)} in-flight group(s) re-issued; groups {summary['groups']}")
+
+
+# ---------------------------------------------------------------------------------------------------- (d)
+
+
+def test_config_typo_and_wrong_type_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'learner\.lrr'; did you mean 'learner\.lr'"):
+        load_config(None, ["learner.lrr=1e-6"])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("rollout:\n  temprature: 0.7\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key 'rollout\.temprature'; did you mean 'rollout\.temperature'"):
+        load_config(typo)
+    with pytest.raises(ConfigError, match=r"field 'algorithm\.total_steps' expects int, got 'lots'"):
+        load_config(None, ["algorithm.total_steps=lots"])
+
+
+def test_missing_model_path_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        resolve_model(str(missing))
+
+
+def test_bad_data_rows_name_file_row_and_field(tmp_path: Path) -> None:
+    rows = training_rows(short_prompt_states(2), SYSTEM)
+    rows[1]["reward_model"]["state_reward"]["agent2"] = {"score": 12.0}
+    states_file = tmp_path / "states.jsonl"
+    states_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(StateDataError, match=rf"{states_file}: row 1: field 'state\.agent2\.score'.*less than or equal to 10") as error:
+        read_states(states_file)
+    print(f"\nRL states: {error.value}")
+    record = {"system": "s", "instruction": "i", "input": "", "output": format_response(1, None, "Hi.")}
+    bc_file = tmp_path / "bc.json"
+    bc_file.write_text(json.dumps([record, {**record, "output": "no thinking header"}]))
+    with pytest.raises(BCRecordError, match=rf"{bc_file}: row 1: field 'output' is not a thinking-mode response") as error:
+        read_bc_records(bc_file)
+    print(f"BC records: {error.value}")
+
+
+@pytest.mark.parametrize("garbage", ["unparseable", "out_of_range"])
+def test_judge_returning_garbage_marks_samples_invalid(tiny_model_dir: Path, garbage: str) -> None:
+    texts = [response('"Fine, let us go."'), response('"No."', mode=2), BROKEN_RESPONSE]
+
+    async def score() -> tuple[Any, Any]:
+        with FaultServer(FaultConfig(script=[garbage] * 20)) as server:
+            scorer = RewardScorer(reward_config(server.base_url), load_tokenizer(tiny_model_dir))
+            try:
+                return await scorer.score(make_group(texts)), scorer.stats()
+            finally:
+                await scorer.aclose()
+
+    scored, stats = asyncio.run(score())
+    valid = scored.samples[:2]
+    assert [(s.reward, s.failure, s.judge_after) for s in valid] == [(None, garbage, None)] * 2
+    assert scored.samples[2].reward == -2.0  # the format error is still a reward, never asked
+    assert stats.invalid == {garbage: 2}
+
+
+# Known gap (reported; the fix belongs in learner/checkpoint.py): the JSON files of a checkpoint are read with a
+# bare json.loads, so damage there surfaces as a UnicodeDecodeError/JSONDecodeError that names no file. Strict
+# xfail: these cases start failing the suite the day the reader names the file.
+_UNNAMED_JSON_ERROR = pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="checkpoint JSON files are parsed without naming the file"
+)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param("meta.json", marks=_UNNAMED_JSON_ERROR),
+        "shard",
+        "dcp-metadata",
+        pytest.param("optimizer_groups.json", marks=_UNNAMED_JSON_ERROR),
+    ],
+)
+@pytest.mark.slow
+def test_corrupt_checkpoint_fails_resume_clearly(ray_local, tiny_model_dir: Path, tmp_path: Path, damage: str) -> None:
+    """A damaged checkpoint file makes the resume raise an error naming the checkpoint, promptly (no hang, and
+    never an unpickling of the garbage)."""
+    from learner.config import AlgorithmConfig, LearnerConfig
+    from learner.group import LearnerGroup
+
+    learner = LearnerConfig(num_ranks=1, micro_batch_size=4, lr=1e-3, backend="gloo")
+    group = LearnerGroup(learner, tiny_model_dir, algorithm=AlgorithmConfig(), setup_timeout_s=120)
+    try:
+        path = group.checkpoint(tmp_path, step=1, version=1, data_cursor={"cursor": {}})
+        targets = {
+            "meta.json": path / "meta.json",
+            "shard": next((path / "state").glob("*.distcp")),
+            "dcp-metadata": path / "state" / ".metadata",
+            "optimizer_groups.json": path / "optimizer_groups.json",
+        }
+        target = targets[damage]
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2] + b"\x80garbage")  # truncated, then garbled
+        with pytest.raises(Exception) as error:
+            group.resume(path)
+        message = str(error.value)
+        print(f"\n{damage}: {type(error.value).__name__}: {message[:300]}")
+        assert str(path) in message, message
+    finally:
+        group.shutdown()
