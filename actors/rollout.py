@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.config import RolloutConfig
 from actors.records import Group, GroupRequest, Sample, SamplingSpec
-from actors.weights import WeightSpec
+from actors.weights import WeightSpec, spill_weights
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -281,10 +281,17 @@ class RolloutActor:
         if version <= self._version:
             log.info("rollout actor %d: ignoring weights version %d (serving %d)", self._index, version, self._version)
             return False
-        blob = bytes(weights)
-        return await self._run_update(
-            version, "object store", lambda: self._engine.collective_rpc("ampo_load_safetensors", args=(blob,))
+        # The engine core runs in its own process: sending it the blob would pickle and copy every byte
+        # again. One copy into shared memory (tmpfs) instead, which the engine's workers map read-only.
+        path = spill_weights(weights, f"actor{self._index}-v{version}")
+        update = self._run_update(
+            version, "object store", lambda: self._engine.collective_rpc("ampo_load_safetensors_file", args=(str(path),))
         )
+        try:
+            return await update
+        finally:
+            # Unlinking is safe even if a timed-out load still reads it: the mapping keeps the pages alive.
+            path.unlink(missing_ok=True)
 
     async def join_weight_group(
         self,

@@ -35,9 +35,12 @@ weights on the receiving side.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import safetensors.torch
@@ -220,6 +223,16 @@ def receive_broadcast(group: WeightGroup, specs: list[WeightSpec], bucket_bytes:
     return received
 
 
+def spill_weights(blob: bytes | bytearray | memoryview, name: str) -> Path:
+    """Write a weight blob to shared memory (`/dev/shm` when present, else the temp dir) so that engine
+    processes on this node can map it instead of receiving a pickled copy. The caller unlinks it."""
+    root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    fd, path = tempfile.mkstemp(prefix=f"ampo-weights-{name}-", suffix=".safetensors", dir=root)
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+    return Path(path)
+
+
 class WeightUpdateExtension:
     """vLLM worker extension (`worker_extension_cls="actors.weights.WeightUpdateExtension"`), mixed into
     the engine's worker and called through `collective_rpc`. Method names carry an `ampo_` prefix
@@ -228,9 +241,10 @@ class WeightUpdateExtension:
 
     _ampo_group: WeightGroup | None = None
 
-    def ampo_load_safetensors(self, blob: bytes) -> int:
-        """Load a `serialize_weights` blob in place; returns the number of tensors loaded."""
-        tensors = safetensors.torch.load(blob)
+    def ampo_load_safetensors_file(self, path: str) -> int:
+        """Load a `serialize_weights` blob spilled to `path` (see `spill_weights`) in place; the file is
+        memory-mapped, not read into a copy. Returns the number of tensors loaded."""
+        tensors = safetensors.torch.load_file(path)
         self._ampo_load(list(tensors.items()))
         return len(tensors)
 
