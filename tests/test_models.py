@@ -57,10 +57,13 @@ def test_half_written_cache_is_not_used(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_embedded_model_converts_and_loads_in_transformers_and_vllm(tmp_path_factory):
-    """The real conversion of the shipped GGUF, loaded by transformers and by a vLLM engine."""
+def test_embedded_model_converts_and_loads_in_transformers_and_vllm():
+    """The real conversion of the shipped GGUF, loaded by transformers and by a vLLM engine. The engine runs
+    in its own process: an in-process engine shares torch.distributed state with whatever ran before it."""
+    import subprocess
+    import sys
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm import LLM, SamplingParams
 
     folder = models.prepare_embedded_model()
     assert models.is_complete(folder)
@@ -68,9 +71,20 @@ def test_embedded_model_converts_and_loads_in_transformers_and_vllm(tmp_path_fac
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.num_hidden_layers == 30 and len(tokenizer) == 49152
     assert tokenizer.chat_template
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Say hello to a new colleague."}], tokenize=False, add_generation_prompt=True
+    script = (
+        "import sys\n"
+        "from transformers import AutoTokenizer\n"
+        "from vllm import LLM, SamplingParams\n"
+        "folder = sys.argv[1]\n"
+        "tok = AutoTokenizer.from_pretrained(folder)\n"
+        "prompt = tok.apply_chat_template([{'role': 'user', 'content': 'Say hello to a new colleague.'}], "
+        "tokenize=False, add_generation_prompt=True)\n"
+        "llm = LLM(model=folder, dtype='float32', max_model_len=512, enforce_eager=True, kv_cache_memory_bytes=64 << 20)\n"
+        "out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20))[0].outputs[0]\n"
+        "print('GENERATION', len(out.token_ids), repr(out.text))\n"
     )
-    llm = LLM(model=str(folder), dtype="float32", max_model_len=512, enforce_eager=True, kv_cache_memory_bytes=64 << 20)
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20))[0].outputs[0]
-    assert len(out.token_ids) > 0 and out.text.strip()
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("GENERATION")]
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    count, text = lines[-1].split(" ", 2)[1:]
+    assert int(count) > 0 and text.strip("'\" ")
