@@ -13,12 +13,11 @@ for a few seconds on short demonstrations (``tests/rule_rewards.py``) so that it
 
 from __future__ import annotations
 
-import time
-
 import asyncio
 import json
 import logging
 import os
+import time
 import urllib.request
 import uuid
 from collections import Counter
