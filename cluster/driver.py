@@ -192,12 +192,12 @@ class RolloutRouter:
     """Sends group requests to the least-loaded rollout actor; re-sends the group when an actor dies and
     brings a restarted actor back to the current weights before it serves again."""
 
-    def __init__(self, actors: Sequence[Any], resync: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, actors: Sequence[Any], resync: Callable[[], Awaitable[None]], counts: Counts) -> None:
         self.actors = list(actors)
         self.load = [0] * len(self.actors)
         self._resync = resync
         self._resyncing: asyncio.Lock = asyncio.Lock()
-        self.resubmitted = 0
+        self.counts = counts
 
     async def generate(self, request: GroupRequest) -> Any:
         while True:
@@ -206,7 +206,7 @@ class RolloutRouter:
             try:
                 return await self.actors[index].generate.remote(request)
             except _ACTOR_LOST as exc:
-                self.resubmitted += 1
+                self.counts.resubmitted_rollout += 1
                 log.warning(
                     "rollout actor %d was lost while generating group %s (%s); Ray restarts it and the group is sent again",
                     index, request.group_id, type(exc).__name__,
@@ -260,6 +260,8 @@ class TrainingDriver:
         self.step = 0
         self.version = 0
         self._stop = asyncio.Event()
+        self._failure: BaseException | None = None
+        """A group that could not be produced stops the run; its error is raised once the run has wound down."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._pending: dict[str, int] = {}
         self._rollout_buffer: list[ScoredGroup] = []
@@ -312,7 +314,7 @@ class TrainingDriver:
         ray.get([a.health.remote() for a in self.rollout_actors], timeout=600)
         self.reward_pool.wait_ready()
         self.learner.connect_rollout(self.rollout_actors, config.rollout)
-        self.router = RolloutRouter(self.rollout_actors, self._resync_weights)
+        self.router = RolloutRouter(self.rollout_actors, self._resync_weights, self.counts)
         log.info(
             "roles ready: %d rollout actor(s), %d reward actor(s), %d learner rank(s), queue capacity %d groups",
             len(self.rollout_actors), config.reward.num_actors, config.learner.num_ranks, capacity,
@@ -373,6 +375,8 @@ class TrainingDriver:
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             self._flush_rollouts()
+        if self._failure is not None:
+            raise self._failure
         if self.evaluate is not None and not self._stop.is_set():
             await self._evaluate()
         self._checkpoint(final=True)
@@ -474,7 +478,6 @@ class TrainingDriver:
                 break
             if self._stop.is_set():
                 ray.cancel(get)
-                raise_if_failed(self)
                 return
             self._top_up()
         stats = batch_statistics(groups, self.version)
@@ -565,7 +568,8 @@ class TrainingDriver:
         if state.queue_snapshot is not None:
             ray.get(self.queue.restore.remote(state.queue_snapshot))
         ray.get(self.queue.set_version.remote(self.version))
-        self.counts = Counts(**state.data_cursor["counts"])
+        for stage, count in state.data_cursor["counts"].items():  # in place: the router shares this object
+            setattr(self.counts, stage, count)
         report = self.learner.publish(self.version).result()
         if not report.ok:
             raise RuntimeError(f"could not load the resumed weights into the rollout actors: {report.describe()}")
@@ -575,10 +579,4 @@ class TrainingDriver:
 
 async def _await_ref(ref: ray.ObjectRef) -> Any:
     return await ref
-
-
-def raise_if_failed(driver: TrainingDriver) -> None:
-    failure = getattr(driver, "_failure", None)
-    if failure is not None:
-        raise failure
 
