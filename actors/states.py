@@ -15,8 +15,7 @@ Both become `RLState`. Every validation error names the file, the row and the fi
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from actors.jsonrows import read_json_rows
 from actors.prompts import dialog_line, open_slot, remove_tags, render_turn_prompt, speaker_of
 from actors.sotopia import SotopiaDataset
 
@@ -125,31 +125,16 @@ def check_states(path: str | Path, max_errors: int = 10) -> tuple[int, list[str]
     return valid, errors
 
 
-def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
+def _read_rows(path: Path) -> list[Any]:
+    """The rows of a state file: Parquet, or JSON (a list or JSON lines)."""
+    if path.suffix != ".parquet":
+        return read_json_rows(path, error=StateDataError, what="state records")
     if not path.is_file():
         raise StateDataError(f"{path}: file not found")
-    if path.suffix == ".parquet":
-        try:
-            yield from pq.read_table(path).to_pylist()
-        except pa.ArrowInvalid as exc:
-            raise StateDataError(f"{path}: not a readable Parquet file: {exc}") from None
-        return
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise StateDataError(f"{path}: line {line_no}: not valid JSON: {exc}") from None
-        return
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StateDataError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, list):
-        raise StateDataError(f"{path}: expected a list of state records, got {type(data).__name__}")
-    yield from data
+        return pq.read_table(path).to_pylist()
+    except pa.ArrowInvalid as exc:
+        raise StateDataError(f"{path}: not a readable Parquet file: {exc}") from None
 
 
 def _parse_row(row: Any, path: Path, index: int) -> RLState:

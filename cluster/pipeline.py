@@ -60,14 +60,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from actors.config import RolloutConfig
+from actors.jsonrows import read_json_rows
 from actors.records import GroupRequest, SamplingSpec
 from actors.sotopia import ScenarioDataError, SotopiaDataset
 from actors.states import RLState, StateDataError, StateScores, check_states, make_state, read_states, write_states
 from cluster.config import Config, ConfigError
 from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Generation, Message, OpenAIPartner, Policy
+from learner.bc import BCDataError, BCRecord, load_bc_records, parse_bc_record
 from reward.config import JudgeConfig
 from reward.evaluator import EpisodeEvaluator, ResultsSummary, load_results, render_summary, summarise
 from reward.judge import AnswerError, JudgeClient, JudgeResult, extract_json_object
@@ -717,69 +717,15 @@ def opening_states(dataset: SotopiaDataset, episode_ids: Iterable[int], *, hide_
 # ---- behaviour-cloning records -----------------------------------------------------------------------------------
 
 
-class BCRecordError(ValueError):
-    """A behaviour-cloning file or record is malformed; the message names the file, the row and the field."""
-
-
-class BCRecord(BaseModel):
-    """One alpaca record of spec §6: the system prompt, the turn prompt, an empty input and a mode response."""
-
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
-
-    system: str = ""
-    instruction: str
-    input: str = ""
-    output: str
-
-
-def _bc_rows(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise BCRecordError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise BCRecordError(f"{path}: line {line_no}: not valid JSON: {exc.msg}") from None
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BCRecordError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(data, list):
-        raise BCRecordError(f"{path}: expected a JSON list of alpaca records, got {type(data).__name__}")
-    return data
-
-
-def _parse_bc_row(row: Any, path: Path, index: int, check_format: bool) -> BCRecord:
-    where = f"{path}: row {index}"
-    if not isinstance(row, dict):
-        raise BCRecordError(f"{where}: expected a record with instruction/output, got {type(row).__name__}")
-    try:
-        record = BCRecord.model_validate({k: v for k, v in row.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = ".".join(str(p) for p in first["loc"]) or "record"
-        raise BCRecordError(f"{where}: field {name!r}: {first['msg']} (got {first.get('input')!r:.80})") from None
-    for name in ("instruction", "output"):
-        if not getattr(record, name).strip():
-            raise BCRecordError(f"{where}: field {name!r} is empty")
-    if check_format:
-        parsed = parse_response(record.output)
-        if not parsed.valid:
-            raise BCRecordError(f"{where}: field 'output' is not a thinking-mode response: {parsed.reason}")
-    return record
+# The records are checked by learner.bc (the role that trains on them); this name stays for the callers that catch it.
+BCRecordError = BCDataError
 
 
 def read_bc_records(path: str | Path, *, check_format: bool = True) -> list[BCRecord]:
     """Read alpaca BC records (JSON list or JSON lines). `check_format` also requires every output to pass the
-    mode format checker, which demonstrations for AMPO's BC phase must. Raises `BCRecordError` at the first bad
+    mode format checker, which demonstrations for AMPO's BC phase must. Raises `BCRecordError` listing every bad
     row, naming the file, the row and the field."""
-    path = Path(path)
-    return [_parse_bc_row(row, path, i, check_format) for i, row in enumerate(_bc_rows(path))]
+    return load_bc_records(Path(path), check_format=check_format)
 
 
 def load_hub_bc_records(dataset: str, filename: str, revision: str | None = None) -> list[BCRecord]:
@@ -858,15 +804,15 @@ def _check_states_file(path: Path, max_errors: int) -> DataCheck:
 def _check_bc_file(path: Path, max_errors: int) -> DataCheck:
     check = DataCheck(path, "behaviour-cloning records (alpaca)")
     try:
-        rows = _bc_rows(path)
-    except BCRecordError as exc:
+        rows = read_json_rows(path, error=BCDataError, what="alpaca records")
+    except BCDataError as exc:
         check.errors.append(str(exc))
         return check
     modes: Counter[int] = Counter()
     for index, row in enumerate(rows):
         try:
-            record = _parse_bc_row(row, path, index, check_format=True)
-        except BCRecordError as exc:
+            record = parse_bc_record(row, f"{path}: row {index}", check_format=True)
+        except BCDataError as exc:
             if len(check.errors) < max_errors:
                 check.errors.append(str(exc))
             continue
@@ -895,8 +841,8 @@ def check_data(path: str | Path, *, max_errors: int = 10) -> DataCheck:
     if path.suffix not in (".json", ".jsonl"):
         return DataCheck(path, "unknown", errors=[f"{path}: expected a scenario folder, .json, .jsonl or .parquet"])
     try:
-        rows = _bc_rows(path)
-    except BCRecordError as exc:
+        rows = read_json_rows(path, error=BCDataError)
+    except BCDataError as exc:
         return DataCheck(path, "unreadable", errors=[str(exc)])
     if not rows:
         return DataCheck(path, "empty", errors=[f"{path}: holds no records"])

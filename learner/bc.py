@@ -25,52 +25,101 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from actors.jsonrows import read_json_rows
 from learner.config import BCConfig, LearnerConfig
-from learner.worker import BCExample, Schedule
+from reward.modes import parse_response
 
-__all__ = ["BCDataError", "build_messages", "load_bc_records", "run_bc", "tokenize_record"]
+# learner.worker (torch) is imported where it is used: `ampo data check` and the other CLI commands check records
+# through this module and start without loading torch.
+if TYPE_CHECKING:
+    from learner.worker import BCExample
+
+__all__ = [
+    "BCDataError",
+    "BCRecord",
+    "build_messages",
+    "load_bc_records",
+    "parse_bc_record",
+    "run_bc",
+    "tokenize_record",
+]
 
 log = logging.getLogger(__name__)
 
 _REQUIRED = ("instruction", "output")
-_OPTIONAL = ("system", "input")
 _MAX_REPORTED = 20
 METRICS_FILE = "bc_metrics.jsonl"
 
 
 class BCDataError(ValueError):
-    """Behaviour-cloning records that cannot be used; the message lists each with its index and field."""
+    """Behaviour-cloning records that cannot be used; the message names each bad record (file, row) and field."""
 
 
-def load_bc_records(records_or_path: str | Path | Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+class BCRecord(BaseModel):
+    """One alpaca record of spec §6: the system prompt, the turn prompt, an (often empty) input and the response."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    system: str = ""
+    instruction: str
+    input: str = ""
+    output: str
+
+
+def parse_bc_record(row: Any, where: str, *, check_format: bool = False) -> BCRecord:
+    """Check one alpaca record; `where` ("<file>: row 3", "record 3") starts every error message.
+
+    ``instruction`` and ``output`` must be non-empty strings, ``system`` and ``input`` strings when given (null
+    counts as not given). ``check_format`` also requires the output to pass the thinking-mode format checker, which
+    demonstrations for AMPO's BC phase must. Raises :class:`BCDataError` naming every bad field of the record.
+    """
+    if not isinstance(row, Mapping):
+        raise BCDataError(f"{where}: expected a record with instruction/output, got {type(row).__name__}")
+    given = {name: value for name, value in row.items() if value is not None}
+    problems = [
+        f"field {name!r} is empty" for name in _REQUIRED if isinstance(given.get(name), str) and not given[name].strip()
+    ]
+    try:
+        record = BCRecord.model_validate(given)
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = ".".join(str(p) for p in error["loc"]) or "record"
+            problems.append(f"field {name!r}: {error['msg']} (got {error.get('input')!r:.80})")
+    if problems:
+        raise BCDataError(f"{where}: " + "; ".join(problems))
+    if check_format:
+        parsed = parse_response(record.output)
+        if not parsed.valid:
+            raise BCDataError(f"{where}: field 'output' is not a thinking-mode response: {parsed.reason}")
+    return record
+
+
+def load_bc_records(
+    records_or_path: str | Path | Sequence[Mapping[str, Any]], *, check_format: bool = False
+) -> list[BCRecord]:
     """Read and check alpaca records from a JSON list, a JSONL file, or an in-memory sequence.
 
-    Every record must be a mapping with non-empty string ``instruction`` and ``output``; ``system`` and ``input``
-    are optional strings. Raises :class:`BCDataError` listing every bad record (index and field).
+    Every record is checked by :func:`parse_bc_record`. Raises :class:`BCDataError` listing every bad record, by
+    file and row (or by index for an in-memory sequence), and for an empty set of records.
     """
     if isinstance(records_or_path, (str, Path)):
-        raw = _read_records_file(Path(records_or_path))
+        source = f"{Path(records_or_path)}: "
+        rows, label = read_json_rows(records_or_path, error=BCDataError, what="alpaca records"), f"{source}row"
     else:
-        raw = list(records_or_path)
-    if not raw:
-        raise BCDataError("no behaviour-cloning records")
+        source, rows, label = "", list(records_or_path), "record"
+    if not rows:
+        raise BCDataError(f"{source}no behaviour-cloning records")
     problems: list[str] = []
-    records: list[dict[str, str]] = []
-    for index, record in enumerate(raw):
-        if not isinstance(record, Mapping):
-            problems.append(f"record {index}: expected an object with instruction/output, got {type(record).__name__}")
-            continue
-        for name in _REQUIRED:
-            value = record.get(name)
-            if not isinstance(value, str) or not value.strip():
-                problems.append(f"record {index}: field {name!r} must be a non-empty string (got {_describe(value)})")
-        for name in _OPTIONAL:
-            value = record.get(name)
-            if value is not None and not isinstance(value, str):
-                problems.append(f"record {index}: field {name!r} must be a string (got {_describe(value)})")
-        records.append({name: record.get(name) or "" for name in (*_OPTIONAL, *_REQUIRED)})
+    records: list[BCRecord] = []
+    for index, row in enumerate(rows):
+        try:
+            records.append(parse_bc_record(row, f"{label} {index}", check_format=check_format))
+        except BCDataError as exc:
+            problems.append(str(exc))
     if problems:
         shown = problems[:_MAX_REPORTED]
         more = f"\n... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
@@ -92,6 +141,8 @@ def tokenize_record(tokenizer: Any, record: Mapping[str, str], cutoff_len: int, 
 
 def _tokenize(tokenizer: Any, record: Mapping[str, str], cutoff_len: int, index: int) -> tuple[BCExample, bool]:
     """The example and whether it was truncated."""
+    from learner.worker import BCExample
+
     messages = build_messages(record)
     prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -143,11 +194,12 @@ def run_bc(
     from transformers import AutoTokenizer
 
     from learner.group import LearnerGroup
+    from learner.worker import Schedule
 
     if not ray.is_initialized():
         raise RuntimeError("run_bc runs its learner ranks as Ray actors: start Ray first (ray.init)")
     learner = learner or LearnerConfig()
-    records = load_bc_records(records_or_path)
+    records = [record.model_dump() for record in load_bc_records(records_or_path)]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenized = [_tokenize(tokenizer, r, config.cutoff_len, i) for i, r in enumerate(records)]
     examples = [example for example, _ in tokenized]
@@ -185,33 +237,3 @@ def run_bc(
         for row in history:
             handle.write(json.dumps(row) + "\n")
     return out
-
-
-def _read_records_file(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise BCDataError(f"behaviour-cloning data not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise BCDataError(f"{path}: line {line_no + 1} is not JSON: {exc}") from None
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BCDataError(f"{path}: not JSON: {exc}") from None
-    if not isinstance(data, list):
-        raise BCDataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, str):
-        return "an empty string"
-    return type(value).__name__

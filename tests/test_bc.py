@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -45,22 +46,37 @@ def test_bad_records_are_reported_with_index_and_field() -> None:
         load_bc_records(records)
     message = str(info.value)
     assert "5 problem(s)" in message
-    assert "record 1: field 'instruction' must be a non-empty string (got an empty string)" in message
-    assert "record 2: expected an object" in message
-    assert "record 3: field 'output' must be a non-empty string (got int)" in message
-    assert "record 4: field 'input' must be a string (got int)" in message
-    assert "record 5: field 'instruction' must be a non-empty string (got nothing)" in message
+    assert "record 1: field 'instruction' is empty" in message
+    assert "record 2: expected a record with instruction/output, got str" in message
+    assert "record 3: field 'output': Input should be a valid string (got 3)" in message
+    assert "record 4: field 'input': Input should be a valid string (got 5)" in message
+    assert "record 5: field 'instruction': Field required" in message
     assert "record 0" not in message
+
+
+def test_every_bad_field_of_a_record_is_named() -> None:
+    with pytest.raises(BCDataError) as info:
+        load_bc_records([{"instruction": " ", "output": 3, "system": ["s"]}])
+    message = str(info.value)
+    assert "1 problem(s)" in message
+    for problem in ("field 'instruction' is empty", "field 'system': Input", "field 'output': Input"):
+        assert problem in message, message
 
 
 def test_record_files_json_and_jsonl(tmp_path: Path) -> None:
     (tmp_path / "d.json").write_text(json.dumps([GOOD, GOOD]))
     assert len(load_bc_records(tmp_path / "d.json")) == 2
     (tmp_path / "d.jsonl").write_text(json.dumps(GOOD) + "\n\n{broken\n")
-    with pytest.raises(BCDataError, match="line 3 is not JSON"):
+    with pytest.raises(BCDataError, match=re.escape(f"{tmp_path / 'd.jsonl'}: line 3: not valid JSON")):
         load_bc_records(tmp_path / "d.jsonl")
     with pytest.raises(BCDataError, match="not found"):
         load_bc_records(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps([GOOD, {**GOOD, "output": ""}]))
+    with pytest.raises(BCDataError, match=re.escape(f"{tmp_path / 'bad.json'}: row 1: field 'output' is empty")):
+        load_bc_records(tmp_path / "bad.json")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(BCDataError, match="no behaviour-cloning records"):
+        load_bc_records(tmp_path / "empty.jsonl")
 
 
 def test_chat_and_response_only_tokens(tiny_model_dir: Path) -> None:

@@ -1,9 +1,12 @@
 import json
+import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from actors.jsonrows import read_json_rows
 from actors.states import StateDataError, check_states, read_states, training_rows, write_states
 
 SYSTEM = "You switch between four thinking levels."
@@ -90,6 +93,37 @@ def test_unreadable_files(tmp_path):
     lines.write_text(json.dumps(raw_record()) + "\n{oops\n")
     with pytest.raises(StateDataError, match="line 2: not valid JSON"):
         read_states(lines)
+    with pytest.raises(StateDataError, match="file not found"):
+        read_states(tmp_path / "missing.parquet")
+
+
+class RowsError(ValueError):
+    """Stands for a caller's own error type."""
+
+
+def test_json_rows_reader(tmp_path: Path) -> None:
+    """The one reader of JSON-list and JSON-lines files: rows as parsed, errors in the caller's type naming the
+    file and, for JSON lines, the line counted with blank lines."""
+    listed = tmp_path / "rows.json"
+    listed.write_text(json.dumps([{"a": 1}, "text", [2]]))
+    assert read_json_rows(listed) == [{"a": 1}, "text", [2]]  # non-object rows are the caller's to report by index
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text('{"a": 1}\n\n   \n"text"\n')
+    assert read_json_rows(lines) == [{"a": 1}, "text"]
+    lines.write_text('{"a": 1}\n\n{"b": oops}\n')
+    with pytest.raises(RowsError, match=re.escape(f"{lines}: line 3: not valid JSON: Expecting value (column 7)")):
+        read_json_rows(lines, error=RowsError)
+    listed.write_text('[{"a": 1},\n oops]')
+    with pytest.raises(RowsError, match=re.escape(f"{listed}: not valid JSON: Expecting value at line 2 column 2")):
+        read_json_rows(listed, error=RowsError)
+    listed.write_text('{"a": 1}')
+    with pytest.raises(RowsError, match=re.escape(f"{listed}: expected a JSON list of widgets, got dict")):
+        read_json_rows(listed, error=RowsError, what="widgets")
+    listed.write_bytes(b'[{"a": "\xff"}]')
+    with pytest.raises(RowsError, match=re.escape(f"{listed}: not UTF-8 text:")):
+        read_json_rows(listed, error=RowsError)
+    with pytest.raises(RowsError, match=re.escape(f"{tmp_path / 'missing.jsonl'}: file not found")):
+        read_json_rows(tmp_path / "missing.jsonl", error=RowsError)
 
 
 def test_training_rows_carry_index_and_messages():
