@@ -186,12 +186,14 @@ def finish_checkpoint(
 def read_checkpoint(path: Path) -> CheckpointState:
     """The driver's part of a checkpoint (JSON, Arrow bytes and YAML text only)."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = _read_json(path / "meta.json", dict)
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
     snapshot = None
     if meta["has_queue"]:
-        snapshot = {"arrow": (path / "queue.arrow").read_bytes(), "meta": (path / "queue.json").read_text()}
+        # Parsed here and handed on as text: the queue's own parse would report damage without naming the file.
+        queue_meta = json.dumps(_read_json(path / "queue.json", dict))
+        snapshot = {"arrow": (path / "queue.arrow").read_bytes(), "meta": queue_meta}
     config = path / "config.yaml"
     return CheckpointState(
         path=path,
@@ -240,7 +242,7 @@ def load_rank_state(
         dcp.load({"model": msd, "optim": osd["state"]}, storage_reader=SafeFileSystemReader(str(directory / "state")))
     except CheckpointException as exc:  # a BaseException in DCP: turn it into an ordinary, readable error
         raise RuntimeError(f"cannot load the learner state from {directory}: {exc}") from None
-    groups = json.loads((directory / "optimizer_groups.json").read_text())
+    groups = _read_json(directory / "optimizer_groups.json", list)
     for group in groups:
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
@@ -248,10 +250,10 @@ def load_rank_state(
     set_optimizer_state_dict(model, optimizer, {"state": osd["state"], "param_groups": groups})
     sched_file = directory / "scheduler.json"
     if scheduler is not None and sched_file.is_file():
-        scheduler.load_state_dict(json.loads(sched_file.read_text()))
+        scheduler.load_state_dict(_read_json(sched_file, dict))
     rng_file = directory / "rng" / f"rank{rank}.json"
     if rng_file.is_file():
-        _set_rng_state(json.loads(rng_file.read_text()))
+        _set_rng_state(_read_json(rng_file, dict))
     else:
         log.warning("no RNG state for rank %d in %s (the world size changed); keeping the current one", rank, directory)
 
@@ -402,6 +404,24 @@ def _write_bytes(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _read_json(path: Path, kind: type[dict] | type[list]) -> Any:
+    """A checkpoint's JSON file, parsed; its top level must be a ``kind`` (object or list). A missing, undecodable
+    or damaged file raises the RuntimeError that a damaged tensor file gets, naming the file and what is wrong."""
+    problem = f"cannot read the checkpoint file {path}"
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise RuntimeError(f"{problem}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RuntimeError(f"{problem}: not UTF-8 text ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"{problem}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, kind):
+        expected = "object" if kind is dict else "list"
+        raise RuntimeError(f"{problem}: expected a JSON {expected}, got {type(data).__name__}")
+    return data
 
 
 def _fsync_dir(path: Path) -> None:

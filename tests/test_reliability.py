@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 import urllib.request
 import uuid
@@ -37,7 +38,7 @@ from cluster.config import Config, ConfigError, load_config
 from cluster.driver import DataCursor, StateStream, TrainingDriver
 from cluster.models import resolve_model
 from cluster.pipeline import BCRecordError, read_bc_records
-from learner.checkpoint import latest_checkpoint, read_checkpoint
+from learner.checkpoint import begin_checkpoint, finish_checkpoint, latest_checkpoint, read_checkpoint
 from reward.fault_server import OUTCOMES, FaultConfig, FaultServer
 from reward.modes import format_response
 from reward.pool import FORMAT_ERROR_MODE, RewardScorer, load_tokenizer
@@ -403,23 +404,25 @@ def test_judge_returning_garbage_marks_samples_invalid(tiny_model_dir: Path, gar
     assert stats.invalid == {garbage: 2}
 
 
-# Known gap (reported; the fix belongs in learner/checkpoint.py): the JSON files of a checkpoint are read with a
-# bare json.loads, so damage there surfaces as a UnicodeDecodeError/JSONDecodeError that names no file. Strict
-# xfail: these cases start failing the suite the day the reader names the file.
-_UNNAMED_JSON_ERROR = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="checkpoint JSON files are parsed without naming the file"
-)
-
-
 @pytest.mark.parametrize(
-    "damage",
+    "name, content, problem",
     [
-        pytest.param("meta.json", marks=_UNNAMED_JSON_ERROR),
-        "shard",
-        "dcp-metadata",
-        pytest.param("optimizer_groups.json", marks=_UNNAMED_JSON_ERROR),
+        ("meta.json", b'{"format": "\xff', "not UTF-8 text"),
+        ("meta.json", b'{"format": ', "not valid JSON: Expecting value at line 1 column 12"),
+        ("meta.json", b"[]", "expected a JSON object, got list"),
+        ("queue.json", b'{"order": [', "not valid JSON"),
     ],
 )
+def test_damaged_checkpoint_json_names_the_file(tmp_path: Path, name: str, content: bytes, problem: str) -> None:
+    """The driver's part of a checkpoint: a damaged JSON file is named with what is wrong with it."""
+    queue = {"arrow": b"", "meta": "{}"}
+    path = finish_checkpoint(begin_checkpoint(tmp_path, 1), step=1, version=1, world_size=1, data_cursor={}, queue_snapshot=queue)
+    (path / name).write_bytes(content)
+    with pytest.raises(RuntimeError, match=re.escape(f"cannot read the checkpoint file {path / name}: {problem}")):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", ["meta.json", "shard", "dcp-metadata", "optimizer_groups.json"])
 @pytest.mark.slow
 def test_corrupt_checkpoint_fails_resume_clearly(ray_local, tiny_model_dir: Path, tmp_path: Path, damage: str) -> None:
     """A damaged checkpoint file makes the resume raise an error naming the checkpoint, promptly (no hang, and
