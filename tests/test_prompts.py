@@ -44,11 +44,17 @@ SCENARIO = (
     "garage and is interested in buying it."
 )
 
-EXPECTED_TURN_0 = f"""\
-Put yourself in the shoes of Noah Bergstrom and speak and act exactly as Noah Bergstrom would, with Noah Bergstrom's social goal always in mind.
-Noah Bergstrom's goal is written in the 'Here is the context of this interaction' part below.
+OPENING = 'Turn 0: Noah Bergstrom said: "Hello! The bike is right here, brakes replaced last month."\n'
+
+
+def expected_turn_prompt(speaker: str, turn: int, noah_goal: str, daniel_goal: str, dialogue: str) -> str:
+    """The hand-written turn prompt of episode 0 for `speaker` at `turn`: the goal the speaker may not see reads
+    'Unknown', and `dialogue` is the text after the instructions, ending with the speaker's open slot."""
+    return f"""\
+Put yourself in the shoes of {speaker} and speak and act exactly as {speaker} would, with {speaker}'s social goal always in mind.
+{speaker}'s goal is written in the 'Here is the context of this interaction' part below.
 Only you can see this goal; the other participant does not know it.
-Work towards the goal in a way that fits Noah Bergstrom's character and traits.
+Work towards the goal in a way that fits {speaker}'s character and traits.
 Keep the conversation natural and believable, and do not simply repeat what the others have already said.
 
 Here is the context of this interaction:
@@ -56,50 +62,35 @@ Scenario: {SCENARIO}
 Participants: Noah Bergstrom and Daniel Mensah
 Noah Bergstrom's background: {NOAH_BIO}
 Daniel Mensah's background: {DANIEL_BIO}
-Noah Bergstrom's goal: {NOAH_GOAL}
-Daniel Mensah's goal: Unknown
-You are at Turn 0. Say something to continue the interaction, or just say 'left the conversation' to end it.
+Noah Bergstrom's goal: {noah_goal}
+Daniel Mensah's goal: {daniel_goal}
+You are at Turn {turn}. Say something to continue the interaction, or just say 'left the conversation' to end it.
 Leave only when your goal is achieved, when you feel uncomfortable, when the conversation has become uninteresting or you have run out of patience, or for some other good reason.
 Put your reply inside quotation marks, like this: "your response content"
 
-Turn 0: Noah Bergstrom said:"""  # noqa: E501
-
-EXPECTED_TURN_1 = f"""\
-Put yourself in the shoes of Daniel Mensah and speak and act exactly as Daniel Mensah would, with Daniel Mensah's social goal always in mind.
-Daniel Mensah's goal is written in the 'Here is the context of this interaction' part below.
-Only you can see this goal; the other participant does not know it.
-Work towards the goal in a way that fits Daniel Mensah's character and traits.
-Keep the conversation natural and believable, and do not simply repeat what the others have already said.
-
-Here is the context of this interaction:
-Scenario: {SCENARIO}
-Participants: Noah Bergstrom and Daniel Mensah
-Noah Bergstrom's background: {NOAH_BIO}
-Daniel Mensah's background: {DANIEL_BIO}
-Noah Bergstrom's goal: Unknown
-Daniel Mensah's goal: {DANIEL_GOAL}
-You are at Turn 1. Say something to continue the interaction, or just say 'left the conversation' to end it.
-Leave only when your goal is achieved, when you feel uncomfortable, when the conversation has become uninteresting or you have run out of patience, or for some other good reason.
-Put your reply inside quotation marks, like this: "your response content"
-
-Turn 0: Noah Bergstrom said: "Hello! The bike is right here, brakes replaced last month."
-
-Turn 1: Daniel Mensah said:"""  # noqa: E501
+{dialogue}"""  # noqa: E501
 
 
-def test_turn_0_prompt_of_agent_1() -> None:
+@pytest.mark.parametrize(
+    "turn, dialog, expected",
+    [
+        pytest.param(
+            0,
+            ["Turn 0: Noah Bergstrom said:"],
+            expected_turn_prompt("Noah Bergstrom", 0, NOAH_GOAL, "Unknown", "Turn 0: Noah Bergstrom said:"),
+            id="agent1-turn0",
+        ),
+        pytest.param(
+            1,
+            [OPENING, "Turn 1: Daniel Mensah said:"],
+            expected_turn_prompt("Daniel Mensah", 1, "Unknown", DANIEL_GOAL, OPENING + "\nTurn 1: Daniel Mensah said:"),
+            id="agent2-turn1",
+        ),
+    ],
+)
+def test_turn_prompt_of_each_agent(turn: int, dialog: list[str], expected: str) -> None:
     env, noah, daniel = DATA.episode(0)
-    prompt = render_turn_prompt(env, noah, daniel, 0, ["Turn 0: Noah Bergstrom said:"])
-    assert prompt == EXPECTED_TURN_0
-
-
-def test_turn_1_prompt_of_agent_2() -> None:
-    env, noah, daniel = DATA.episode(0)
-    dialog = [
-        'Turn 0: Noah Bergstrom said: "Hello! The bike is right here, brakes replaced last month."\n',
-        "Turn 1: Daniel Mensah said:",
-    ]
-    assert render_turn_prompt(env, noah, daniel, 1, dialog) == EXPECTED_TURN_1
+    assert render_turn_prompt(env, noah, daniel, turn, dialog) == expected
 
 
 def test_dialogue_line_helpers_and_parity() -> None:
