@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from actors.jsonrows import read_json_rows
 from reward.judge import AnswerError, JudgeClient, extract_json_object, to_score
 from reward.prompts import DIMENSIONS, EVAL_AGENT_KEYS, EVAL_SCHEMA, evaluation_prompt, reformat_prompt
 
@@ -137,21 +138,11 @@ def annotate(record: Mapping[str, Any], evaluation: EpisodeEvaluation) -> dict[s
 
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
-    """Episode records from a JSON list or a JSON-lines file."""
-    text = Path(path).read_text()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        data = json.loads(stripped)
-        if not all(isinstance(r, dict) for r in data):
-            raise ValueError(f"{path}: expected a list of episode objects")
-        return data
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON: {exc.msg}") from None
+    """Episode records from a JSON list or a JSON-lines (`.jsonl`) file; errors name the file and the line or row."""
+    records = read_json_rows(path, what="episode records")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: row {index}: expected an episode object, got {type(record).__name__}")
     return records
 
 
