@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from cluster.commands import register_pipeline_commands
 from cluster.config import ConfigError, config_template, dump_config, load_config
@@ -62,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A plain SIGTERM would end the process without unwinding: the local judge server (its own process group)
+    # and Ray would be left running. As an exit they are stopped like on Ctrl-C; the training driver installs
+    # its own handler while it runs, to finish the step and write a checkpoint first.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if args.command == "config":
             config = load_config(args.config, args.overrides)
@@ -80,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ampo: config error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -36,6 +36,9 @@ class ClusterConfig(BaseModel):
     """GPUs in each rollout actor's placement bundle (0 on CPU; rollout.tensor_parallel_size on GPU)."""
     learner_gpus_per_rank: float = Field(0.0, ge=0)
     """GPUs in each learner rank's placement bundle (0 on CPU, 1 on GPU)."""
+    learner_cpus_per_rank: int = Field(1, ge=1)
+    """CPUs in each learner rank's placement bundle; without GPUs also the rank's torch thread count (Ray sets
+    a CPU actor's OMP_NUM_THREADS to its CPUs)."""
     reward_cpus_per_actor: float = Field(0.5, gt=0)
     """CPUs reserved for each reward actor."""
     rollout_resources: dict[str, float] = {}

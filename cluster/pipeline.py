@@ -876,7 +876,7 @@ def run_bc_command(
     import ray
 
     from cluster.models import resolve_model
-    from cluster.ray_cluster import connect
+    from cluster.ray_cluster import bc_rank_options, connect
     from learner.bc import run_bc
 
     source = data if data is not None else config.data.bc_data
@@ -888,7 +888,9 @@ def run_bc_command(
     started_ray = not ray.is_initialized()
     connect(config)
     try:
-        return run_bc(config.bc, records, model, out, learner=config.learner, seed=config.cluster.seed)
+        return run_bc(
+            config.bc, records, model, out, learner=config.learner, seed=config.cluster.seed, ray_options=bc_rank_options(config)
+        )
     finally:
         if started_ray:
             ray.shutdown()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ def connect(config: Config) -> dict[str, Any]:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         needed = _logical_cpus_needed(config)
         num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, needed)
+        _check_port_free(config.logging.metrics_port)
         log.info("starting a local Ray instance on 127.0.0.1 with %d logical CPUs", num_cpus)
         context = ray.init(
             address="local",
@@ -60,6 +62,23 @@ def connect(config: Config) -> dict[str, Any]:
         log.info("joining the Ray cluster at %s", config.cluster.address)
         context = ray.init(address=config.cluster.address, runtime_env=runtime_env)
     return dict(context.address_info) if context else {}
+
+
+def _check_port_free(port: int) -> None:
+    """Ray's metrics agent dies on a taken port and Ray then reports only that the node 'timed out during
+    startup'; say what is wrong before starting it."""
+    if not port:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Ray's HTTP server does: TIME_WAIT is fine
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(
+                f"the metrics port {port} on 127.0.0.1 is taken, most likely by the Ray of an earlier run that is "
+                f"still alive: stop it (`ray stop --force`) or choose another port (logging.metrics_port=0 picks a "
+                f"free one)"
+            ) from None
 
 
 def _logical_cpus_needed(config: Config) -> int:
@@ -110,6 +129,23 @@ def role_bundles(config: Config) -> dict[str, list[dict[str, float]]]:
     cluster = config.cluster
     return {
         "rollout": [bundle(1, cluster.rollout_gpus_per_actor, cluster.rollout_resources)] * config.rollout.num_actors,
-        "learner": [bundle(1, cluster.learner_gpus_per_rank, cluster.learner_resources)] * config.learner.num_ranks,
+        "learner": [bundle(cluster.learner_cpus_per_rank, cluster.learner_gpus_per_rank, cluster.learner_resources)]
+        * config.learner.num_ranks,
         "reward": [bundle(cluster.reward_cpus_per_actor, 0, {})] * config.reward.num_actors,
     }
+
+
+def bc_rank_options(config: Config) -> dict[str, Any]:
+    """Ray options of each behaviour-cloning rank: the learner's GPUs and custom resources. Without GPUs the
+    ranks split the largest node's cores between them: nothing else runs during BC, and Ray sets a CPU
+    actor's torch thread count to its `num_cpus` (one core each would leave the rest of the machine idle)."""
+    cluster = config.cluster
+    options: dict[str, Any] = {"resources": dict(cluster.learner_resources)} if cluster.learner_resources else {}
+    if cluster.learner_gpus_per_rank:
+        options["num_gpus"] = cluster.learner_gpus_per_rank
+        return options
+    node_cpus = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
+    if cluster.address == "local":  # a local instance may declare more logical CPUs than the machine has cores
+        node_cpus = min(node_cpus, os.cpu_count() or 1)
+    options["num_cpus"] = max(1, int(node_cpus // config.learner.num_ranks))
+    return options

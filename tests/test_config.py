@@ -112,3 +112,26 @@ def test_cli_config_show_and_typo(capsys, tiny_config_path):
     assert yaml.safe_load(capsys.readouterr().out)["rollout"]["n"] == 3
     assert main(["config", "show", "--config", str(tiny_config_path), "learner.lrr=3"]) == 2
     assert "did you mean 'learner.lr'" in capsys.readouterr().err
+
+
+def test_taken_metrics_port_is_reported_before_ray_starts():
+    import socket
+
+    from cluster.ray_cluster import _check_port_free
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"metrics port {port} on 127.0.0.1 is taken.*ray stop"):
+            _check_port_free(port)
+    _check_port_free(0)  # 0: Ray picks a free port, nothing to check
+
+
+def test_role_bundles_reserve_the_learner_cpus():
+    from cluster.ray_cluster import role_bundles
+
+    config = load_config(CONFIGS[0].parent / "local.yaml", ["learner.num_ranks=2", "cluster.learner_cpus_per_rank=3"])
+    bundles = role_bundles(config)
+    assert bundles["learner"] == [{"CPU": 3}, {"CPU": 3}]
+    assert bundles["rollout"] == [{"CPU": 1}]
