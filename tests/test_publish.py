@@ -34,8 +34,19 @@ def test_safetensors_blob_round_trip_and_checks() -> None:
     blob = SafetensorsBlob(specs_of(tensors))
     for name, tensor in tensors.items():
         blob.write(name, tensor)
-    loaded = safetensors.torch.load(bytes(blob.finish()))
+    first = blob.finish()
+    loaded = safetensors.torch.load(bytes(first))
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+    # The next push assembles its file in the same buffer; one of another size gets a new buffer.
+    changed = {name: tensor + 1 for name, tensor in tensors.items()}
+    again = SafetensorsBlob(specs_of(changed), first)
+    for name, tensor in changed.items():
+        again.write(name, tensor)
+    second = again.finish()
+    assert second is first
+    assert all(torch.equal(safetensors.torch.load(bytes(second))[n], t) for n, t in changed.items())
+    assert SafetensorsBlob(specs_of({"x": torch.zeros(3)}), first)._buffer is not first
 
     partial = SafetensorsBlob(specs_of(tensors))
     with pytest.raises(ValueError, match="spec says"):
