@@ -4,7 +4,7 @@ Two ratios, measured in one run on the same tiny Llama (hidden 128, 2 layers, 4 
 states, with the fault-injecting HTTP server as the judge (no faults, a fixed latency per call):
 
 1. **Pipeline efficiency**: steady-state scored samples/s of :class:`cluster.driver.TrainingDriver` with
-   ``max_staleness: 1`` ÷ the rate of its slowest stage measured alone on the same work: generation alone through a
+   ``max_staleness: 3`` (``--staleness``) ÷ the rate of its slowest stage measured alone on the same work: generation alone through a
    RolloutActor, judge scoring alone through a RewardPool, learner steps alone through a LearnerGroup on batches of
    the same size. The stages alone run with the driver's own bound on groups in flight,
    ``(max_staleness + 1) × groups_per_step``, and each stage gets the resources the driver's placement gives it
@@ -13,11 +13,20 @@ states, with the fault-injecting HTTP server as the judge (no faults, a fixed la
    so the pipeline's fill is left out; the whole-run rate is printed too. Goal ≥ 0.90.
 2. **Asynchronous speed-up**: wall time of the same number of learner steps (so the same
    ``total_steps × groups_per_step × n`` samples) with ``max_staleness: 0`` (generate, judge, learn, push, in
-   turn) ÷ with ``max_staleness: 1``, the judge's injected latency set to the measured generation time of one
+   turn) ÷ with ``max_staleness: 3``, the judge's injected latency set to the measured generation time of one
    group. The RESULT compares steps 2..N (end of step 1 to end of step N): the first step of a fresh driver pays
    one-off warm-ups (first generation and first learner step of new actors) that are the same in both modes. The
    whole-run ratio (first group issued to last step finished, via the driver's evaluation hook; role start-up, final
    checkpoint and export excluded) is printed too. Goal ≥ 1.8×.
+
+Why ``max_staleness: 3``: the driver issues the groups of step ``j`` only once the rollout actors serve a policy
+at most ``max_staleness`` versions older than the one step ``j`` will train (cluster/driver.py), so a group's
+issue → generation → judge → queue chain (plus the weight push that unlocks it) must fit into ``max_staleness``
+learner steps for the learner never to wait: ``max_staleness × step ≥ push + generation + judge``. Here that chain
+is about 0.5 s against a 0.2 s learner step, so ``max_staleness: 1`` leaves the learner waiting about half the
+time (efficiency ≈ 0.45 measured) and 3 is the smallest bound that lets the learner set the pace. AReaL runs with
+bounds of 4-8 for the same reason. Both rates are printed per run, with the learner's own step time inside the
+pipeline next to its time alone, so a shortfall shows whether the driver or the shared cores cost it.
 
 Why a behaviour-cloned model: the judge is only asked about well-formed responses (spec §1.3); a random model never
 produces one, so its groups would skip the judge and the judge latency would not be measured at all. The script
@@ -62,8 +71,6 @@ CLONED_ANSWER = "Sure, I can help you with that. Let us talk it over tomorrow af
 NUM_STATES = 4
 INSTRUCTION_CHARS = 200
 GROUP_SIZE = 4
-GROUPS_PER_STEP = 2
-ASYNC_STALENESS = 1
 BC_MAX_STEPS = 400
 BC_TARGET_LOSS = 3e-4
 MIN_VALID_FRACTION = 0.9
@@ -75,10 +82,14 @@ class Sizes:
 
     steps: int
     """Learner steps per driver run (and learner steps timed alone)."""
+    groups_per_step: int
+    """Groups each learner step consumes."""
+    staleness: int
+    """`max_staleness` of the asynchronous run."""
 
     @property
     def groups(self) -> int:
-        return self.steps * GROUPS_PER_STEP
+        return self.steps * self.groups_per_step
 
     @property
     def samples(self) -> int:
@@ -144,7 +155,7 @@ def driver_config(model_dir: Path, run_dir: Path, staleness: int, sizes: Sizes) 
             "rollout.max_response_tokens=96",
             "rollout.max_model_len=2048",
             "reward.judge.max_concurrency=16",
-            f"algorithm.groups_per_step={GROUPS_PER_STEP}",
+            f"algorithm.groups_per_step={sizes.groups_per_step}",
             f"algorithm.total_steps={sizes.steps}",
             f"algorithm.max_staleness={staleness}",
         ],
@@ -199,8 +210,8 @@ def measure_stages(
     from reward.fault_server import FaultConfig, FaultServer
     from reward.pool import RewardPool
 
-    config = driver_config(model_dir, run_dir, ASYNC_STALENESS, sizes)
-    window = (ASYNC_STALENESS + 1) * GROUPS_PER_STEP
+    config = driver_config(model_dir, run_dir, sizes.staleness, sizes)
+    window = (sizes.staleness + 1) * sizes.groups_per_step
     requests = [group_request(states[i % len(states)], i, config) for i in range(sizes.groups)]
     (actor,) = create_rollout_actors(config.rollout, model_dir, num=1, num_cpus=1)
     ray.get(actor.health.remote(), timeout=600)
@@ -225,7 +236,7 @@ def measure_stages(
     valid = valid_fraction(scored)
 
     learner = LearnerGroup(config.learner, model_dir, algorithm=config.algorithm, temperature=config.rollout.temperature)
-    batches = [scored[k : k + GROUPS_PER_STEP] for k in range(0, len(scored), GROUPS_PER_STEP)]
+    batches = [scored[k : k + sizes.groups_per_step] for k in range(0, len(scored), sizes.groups_per_step)]
     learner.step(batches[0], 0)  # warm-up
     started = time.perf_counter()
     for version, batch in enumerate(batches, start=1):
@@ -272,7 +283,7 @@ def run_driver(model_dir: Path, states: Sequence[Any], sizes: Sizes, staleness: 
 
     def on_step(record: dict[str, float]) -> None:
         steps.append({"t": time.perf_counter(), "samples": record["samples"], "unscored": record["unscored_ratio"],
-                      "format_errors": record["format_error_ratio"]})
+                      "format_errors": record["format_error_ratio"], "step_seconds": record.get("step_seconds", 0.0)})
 
     config = driver_config(model_dir, run_dir, staleness, sizes)
     summary = TrainingDriver(config, states, model_dir, judge_url=judge_url, judge_model="judge", evaluate=mark, on_step=on_step).run()
@@ -291,6 +302,9 @@ def run_driver(model_dir: Path, states: Sequence[Any], sizes: Sizes, staleness: 
         "rate_steady": steady_samples / steady_seconds,
         "unscored_ratio": bad,
         "groups": summary["groups"],
+        # Where a steady-state step's time goes: the learner's own call (its weight gather included) and the rest.
+        "learner_step_s": statistics.median(s["step_seconds"] for s in steps[1:]),
+        "period_s": steady_seconds / max(len(steps) - 1, 1),
     }
 
 
@@ -298,8 +312,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer learner steps (noisier ratios)")
     parser.add_argument("--steps", type=int, default=None, help="learner steps per run (default 8, quick 5)")
+    parser.add_argument("--groups-per-step", type=int, default=2, help="groups per learner step")
+    parser.add_argument("--staleness", type=int, default=3, help="max_staleness of the asynchronous run")
     args = parser.parse_args()
-    sizes = Sizes(steps=args.steps or (5 if args.quick else 8))
+    sizes = Sizes(steps=args.steps or (5 if args.quick else 8), groups_per_step=args.groups_per_step, staleness=args.staleness)
 
     import ray
     from transformers import AutoTokenizer
@@ -332,9 +348,9 @@ def main() -> None:
     print(f"policy: tiny Llama hidden 128 x 2 layers, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
           f"cloned a {len(response)}-token level-1 response in {bc['bc_steps']} AdamW steps "
           f"(loss {bc['bc_loss']:.4f}, {bc['bc_seconds']:.0f} s)")
-    print(f"work per run: {sizes.steps} steps x {GROUPS_PER_STEP} groups x {GROUP_SIZE} samples = {sizes.samples} samples")
+    print(f"work per run: {sizes.steps} steps x {sizes.groups_per_step} groups x {GROUP_SIZE} samples = {sizes.samples} samples")
 
-    config = driver_config(model_dir, tmp / "config-only", ASYNC_STALENESS, sizes)
+    config = driver_config(model_dir, tmp / "config-only", sizes.staleness, sizes)
     connect(config)
     with contextlib.ExitStack() as stack:
         stack.callback(ray.shutdown)
@@ -351,7 +367,7 @@ def main() -> None:
               f"(the driver's learner does one per step; the learner alone takes "
               f"{stages['seconds']['learner'] / sizes.steps:.2f} s per step)")
         runs = {}
-        for staleness in (ASYNC_STALENESS, 0):
+        for staleness in (sizes.staleness, 0):
             runs[staleness] = run_driver(model_dir, states, sizes, staleness, server.base_url, tmp / f"run-s{staleness}")
             r = runs[staleness]
             print(f"driver max_staleness={staleness}: {r['samples']:.0f} samples in {r['wall']:.1f} s "
@@ -359,14 +375,18 @@ def main() -> None:
                   f"{r['rate_whole']:.2f} samples/s whole run, {r['rate_steady']:.2f} steady; "
                   f"unscored {r['unscored_ratio']:.0%}; groups {r['groups']}")
 
+    learner_alone = stages["seconds"]["learner"] / sizes.steps
+    for staleness, r in runs.items():
+        print(f"driver max_staleness={staleness}: a steady step every {r['period_s']:.3f} s, of which the learner call "
+              f"{r['learner_step_s']:.3f} s (alone: {learner_alone:.3f} s; the rest is the driver between steps)")
     slowest = min(stages["rates"], key=stages["rates"].get)
-    efficiency = runs[ASYNC_STALENESS]["rate_steady"] / stages["rates"][slowest]
-    speedup = runs[0]["steady_seconds"] / runs[ASYNC_STALENESS]["steady_seconds"]
+    efficiency = runs[sizes.staleness]["rate_steady"] / stages["rates"][slowest]
+    speedup = runs[0]["steady_seconds"] / runs[sizes.staleness]["steady_seconds"]
     load_end = os.getloadavg()
     print(f"synchronous / asynchronous wall time: steps 2-{sizes.steps} {speedup:.3f}, whole runs "
-          f"{runs[0]['wall'] / runs[ASYNC_STALENESS]['wall']:.3f}")
+          f"{runs[0]['wall'] / runs[sizes.staleness]['wall']:.3f}")
     print(f"slowest stage alone: {slowest} ({stages['rates'][slowest]:.2f} samples/s); whole-run efficiency "
-          f"{runs[ASYNC_STALENESS]['rate_whole'] / stages['rates'][slowest]:.3f}")
+          f"{runs[sizes.staleness]['rate_whole'] / stages['rates'][slowest]:.3f}")
     print(f"load average at end {load_end[0]:.1f} {load_end[1]:.1f} {load_end[2]:.1f}; bench took {time.perf_counter() - started:.0f} s")
     print(f"RESULT pipeline_efficiency={efficiency:.3f}")
     print(f"RESULT async_speedup={speedup:.3f}")
