@@ -8,7 +8,9 @@ states, with the fault-injecting HTTP server as the judge (no faults, a fixed la
    RolloutActor, judge scoring alone through a RewardPool, learner steps alone through a LearnerGroup on batches of
    the same size. The stages alone run with the driver's own bound on groups in flight,
    ``(max_staleness + 1) × groups_per_step``, and each stage gets the resources the driver's placement gives it
-   (the rollout actor and each learner rank one Ray CPU, i.e. one engine / torch thread). Steady state: the
+   (the rollout actor and each learner rank one Ray CPU, i.e. one engine / torch thread; with
+   ``cluster.pin_learner_cpus`` the learner rank has the machine's last core to itself and everything else
+   shares the others, alone as in the pipeline, the way separate GPUs would keep the roles apart). Steady state: the
    driver's rate counts the samples of steps 2..N over the time between the end of step 1 and the end of step N,
    so the pipeline's fill is left out; the whole-run rate is printed too. Goal ≥ 0.90.
 2. **Asynchronous speed-up**: wall time of the same number of learner steps (so the same
@@ -37,8 +39,10 @@ cloning and the learner fit a shared 2-core CPU: a one-line system prompt instea
 user turn cut to the tail of the real Sotopia turn prompt (goal, dialogue, open slot). The reward context (names,
 goals, dialogue, prior scores) is the real state's, so the judge gets the real goal-progress prompt.
 
-All roles share this machine's cores (generation and learning compete for them; the judge only waits), which is
-the main reason the pipeline falls short of its slowest stage here; on a cluster each role has its own GPUs.
+Without pinning, all roles share this machine's cores: the learner's step then takes about a third longer inside
+the pipeline than alone, because generation, the reward actor, the driver and Ray preempt it (measured with
+``--no-pin``), and that, not the driver, is what keeps the pipeline from its slowest stage's rate; on a cluster
+each role has its own GPUs.
 
 Run from the repository root: ``.venv/bin/python bench/pipeline.py [--quick]``; the last lines are
 ``RESULT pipeline_efficiency=<v>`` and ``RESULT async_speedup=<v>``.
@@ -86,6 +90,8 @@ class Sizes:
     """Groups each learner step consumes."""
     staleness: int
     """`max_staleness` of the asynchronous run."""
+    pin_learner: bool
+    """`cluster.pin_learner_cpus` of every run and of the learner alone."""
 
     @property
     def groups(self) -> int:
@@ -147,6 +153,7 @@ def driver_config(model_dir: Path, run_dir: Path, staleness: int, sizes: Sizes) 
             f"rollout.model={model_dir}",
             f"cluster.run_dir={run_dir}",
             "cluster.num_cpus=8",
+            f"cluster.pin_learner_cpus={str(sizes.pin_learner).lower()}",
             "learner.resume=never",
             "learner.checkpoint_every=0",
             "learner.lr=1e-7",
@@ -206,6 +213,7 @@ def measure_stages(
     import ray
 
     from actors.rollout import create_rollout_actors
+    from cluster.ray_cluster import learner_core_sets
     from learner.group import LearnerGroup
     from reward.fault_server import FaultConfig, FaultServer
     from reward.pool import RewardPool
@@ -235,7 +243,10 @@ def measure_stages(
     pool.shutdown()
     valid = valid_fraction(scored)
 
-    learner = LearnerGroup(config.learner, model_dir, algorithm=config.algorithm, temperature=config.rollout.temperature)
+    learner = LearnerGroup(
+        config.learner, model_dir, algorithm=config.algorithm, temperature=config.rollout.temperature,
+        cpu_cores=learner_core_sets(config),
+    )
     batches = [scored[k : k + sizes.groups_per_step] for k in range(0, len(scored), sizes.groups_per_step)]
     learner.step(batches[0], 0)  # warm-up
     started = time.perf_counter()
@@ -314,8 +325,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="learner steps per run (default 8, quick 5)")
     parser.add_argument("--groups-per-step", type=int, default=2, help="groups per learner step")
     parser.add_argument("--staleness", type=int, default=3, help="max_staleness of the asynchronous run")
+    parser.add_argument("--no-pin", action="store_true", help="let the roles share every core (no learner pinning)")
     args = parser.parse_args()
-    sizes = Sizes(steps=args.steps or (5 if args.quick else 8), groups_per_step=args.groups_per_step, staleness=args.staleness)
+    sizes = Sizes(
+        steps=args.steps or (5 if args.quick else 8), groups_per_step=args.groups_per_step, staleness=args.staleness,
+        pin_learner=not args.no_pin,
+    )
 
     import ray
     from transformers import AutoTokenizer
@@ -348,7 +363,8 @@ def main() -> None:
     print(f"policy: tiny Llama hidden 128 x 2 layers, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
           f"cloned a {len(response)}-token level-1 response in {bc['bc_steps']} AdamW steps "
           f"(loss {bc['bc_loss']:.4f}, {bc['bc_seconds']:.0f} s)")
-    print(f"work per run: {sizes.steps} steps x {sizes.groups_per_step} groups x {GROUP_SIZE} samples = {sizes.samples} samples")
+    print(f"work per run: {sizes.steps} steps x {sizes.groups_per_step} groups x {GROUP_SIZE} samples = {sizes.samples} samples; "
+          f"asynchronous run at max_staleness {sizes.staleness}; learner pinned to its own core: {sizes.pin_learner}")
 
     config = driver_config(model_dir, tmp / "config-only", sizes.staleness, sizes)
     connect(config)

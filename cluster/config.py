@@ -39,6 +39,11 @@ class ClusterConfig(BaseModel):
     learner_cpus_per_rank: int = Field(1, ge=1)
     """CPUs in each learner rank's placement bundle; without GPUs also the rank's torch thread count (Ray sets
     a CPU actor's OMP_NUM_THREADS to its CPUs)."""
+    pin_learner_cpus: bool = False
+    """Local mode on a CPU-only Linux machine: reserve the last `learner_cpus_per_rank × learner.num_ranks` cores
+    for the learner ranks and keep this process, Ray and every other role off them (CPU affinity), so that
+    generation and learning do not preempt each other, as they would not on separate GPUs. Ignored (with a
+    warning) when no core would be left for the other roles."""
     reward_cpus_per_actor: float = Field(0.5, gt=0)
     """CPUs reserved for each reward actor."""
     rollout_resources: dict[str, float] = {}

@@ -279,7 +279,7 @@ class TrainingDriver:
 
     def start_roles(self) -> None:
         from actors.rollout import rollout_actor_options
-        from cluster.ray_cluster import place_role, role_bundles
+        from cluster.ray_cluster import learner_core_sets, place_role, role_bundles
         from reward.pool import RewardPool
 
         config = self.config
@@ -318,6 +318,7 @@ class TrainingDriver:
             seed=config.cluster.seed,
             ray_options={"num_cpus": config.cluster.learner_cpus_per_rank, "num_gpus": config.cluster.learner_gpus_per_rank},
             placement_group=learner_place.group,
+            cpu_cores=learner_core_sets(config),
         )
         ray.get([a.health.remote() for a in self.rollout_actors], timeout=600)
         self.reward_pool.wait_ready()

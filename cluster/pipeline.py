@@ -876,7 +876,7 @@ def run_bc_command(
     import ray
 
     from cluster.models import resolve_model
-    from cluster.ray_cluster import bc_rank_options, connect
+    from cluster.ray_cluster import MACHINE_CORES, bc_rank_options, connect, learner_core_sets
     from learner.bc import run_bc
 
     source = data if data is not None else config.data.bc_data
@@ -888,8 +888,11 @@ def run_bc_command(
     started_ray = not ray.is_initialized()
     connect(config)
     try:
+        # BC runs alone: with learner pinning on, its ranks get every core back (this process was pinned off some).
+        cores = None if learner_core_sets(config) is None else [MACHINE_CORES] * config.learner.num_ranks
         return run_bc(
-            config.bc, records, model, out, learner=config.learner, seed=config.cluster.seed, ray_options=bc_rank_options(config)
+            config.bc, records, model, out, learner=config.learner, seed=config.cluster.seed,
+            ray_options=bc_rank_options(config), cpu_cores=cores,
         )
     finally:
         if started_ray:

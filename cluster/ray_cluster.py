@@ -28,6 +28,9 @@ from cluster.config import Config
 
 log = logging.getLogger(__name__)
 
+MACHINE_CORES: list[int] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+"""The cores this process may use when it starts, before `connect` pins it (see `learner_core_sets`)."""
+
 # Environment every Ray worker of a run inherits: in-process vLLM engines (2 s start, one process) and
 # no tokenizer thread pools fighting the engine for the few cores of a CPU machine.
 WORKER_ENV = {
@@ -48,6 +51,15 @@ def connect(config: Config) -> dict[str, Any]:
         needed = _logical_cpus_needed(config)
         num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, needed)
         _check_port_free(config.logging.metrics_port)
+        reserved = learner_core_sets(config)
+        if reserved is not None:
+            from learner.worker import pin_process_to_cores
+
+            taken = {core for cores in reserved for core in cores}
+            others = [core for core in MACHINE_CORES if core not in taken]
+            # Ray's processes and every actor inherit this process's affinity; the learner ranks re-pin themselves.
+            pin_process_to_cores(others)
+            log.info("CPU pinning: learner ranks on cores %s, this process, Ray and the other roles on %s", reserved, others)
         log.info("starting a local Ray instance on 127.0.0.1 with %d logical CPUs", num_cpus)
         context = ray.init(
             address="local",
@@ -62,6 +74,23 @@ def connect(config: Config) -> dict[str, Any]:
         log.info("joining the Ray cluster at %s", config.cluster.address)
         context = ray.init(address=config.cluster.address, runtime_env=runtime_env)
     return dict(context.address_info) if context else {}
+
+
+def learner_core_sets(config: Config) -> list[list[int]] | None:
+    """Per learner rank, the cores `cluster.pin_learner_cpus` reserves for it (the machine's last ones); None when
+    pinning is off, Ray is not local, or the reservation would leave no core for the other roles."""
+    cluster = config.cluster
+    if not (cluster.pin_learner_cpus and cluster.address == "local" and hasattr(os, "sched_setaffinity")):
+        return None
+    per_rank, ranks = cluster.learner_cpus_per_rank, config.learner.num_ranks
+    if per_rank * ranks >= len(MACHINE_CORES):
+        log.warning(
+            "cluster.pin_learner_cpus ignored: %d learner core(s) would leave none of this machine's %d for the other roles",
+            per_rank * ranks, len(MACHINE_CORES),
+        )
+        return None
+    reserved = MACHINE_CORES[-per_rank * ranks :]
+    return [reserved[rank * per_rank : (rank + 1) * per_rank] for rank in range(ranks)]
 
 
 def _check_port_free(port: int) -> None:

@@ -182,6 +182,7 @@ def run_bc(
     learner: LearnerConfig | None = None,
     seed: int = 1,
     ray_options: dict[str, Any] | None = None,
+    cpu_cores: Sequence[Sequence[int]] | None = None,
 ) -> Path:
     """Behaviour-clone ``model_path`` on the records and export the result as a HF folder at ``out_dir``.
 
@@ -217,7 +218,9 @@ def run_bc(
         warmup,
     )
     schedule = Schedule(lr=config.lr, kind="cosine", warmup_steps=warmup, total_steps=total_steps)
-    group = LearnerGroup(learner, model_path, algorithm=None, schedule=schedule, seed=seed, ray_options=ray_options)
+    group = LearnerGroup(
+        learner, model_path, algorithm=None, schedule=schedule, seed=seed, ray_options=ray_options, cpu_cores=cpu_cores
+    )
     history: list[dict[str, float]] = []
     try:
         rng = random.Random(seed)

@@ -143,6 +143,7 @@ class LearnerGroup:
         ray_options: extra options for every rank's actor (e.g. ``{"num_gpus": 1}``); default ``num_cpus=1``.
         placement_group: rank ``i`` goes to bundle ``i`` of it.
         setup_timeout_s: limit on forming the process group and loading the model.
+        cpu_cores: per rank, the CPU cores to pin its process to (CPU-only single-node runs; None: no pinning).
     """
 
     def __init__(
@@ -157,6 +158,7 @@ class LearnerGroup:
         ray_options: dict[str, Any] | None = None,
         placement_group: Any = None,
         setup_timeout_s: float = 600.0,
+        cpu_cores: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self.learner = learner
         self.algorithm = algorithm
@@ -172,6 +174,7 @@ class LearnerGroup:
             algorithm=algorithm,
             temperature=temperature,
             seed=seed,
+            cpu_cores=None if cpu_cores is None else tuple(tuple(c) for c in cpu_cores),
         )
         remote_cls = ray.remote(LearnerWorker)
         self.workers = []

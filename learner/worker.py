@@ -37,9 +37,11 @@ one torch.distributed group, and the benchmark drives one in-process. Design cho
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
+import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -142,6 +144,17 @@ class WorkerSetup:
     algorithm: AlgorithmConfig | None = None
     temperature: float = 1.0
     seed: int = 1
+    cpu_cores: tuple[tuple[int, ...], ...] | None = None
+    """Per rank, the CPU cores its process is pinned to (None: wherever the OS schedules it)."""
+
+
+def pin_process_to_cores(cores: Sequence[int]) -> None:
+    """Restrict every thread of this process (and the threads it starts later, which inherit it) to ``cores``.
+    Linux CPU affinity is per thread, so each existing thread is set, not only the calling one."""
+    wanted = set(cores)
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), wanted)
 
 
 def resolve_backend(backend: str) -> str:
@@ -198,6 +211,8 @@ class LearnerWorker:
 
         Returns a short description (parameter count, backend, device) for the logs.
         """
+        if self.cfg.cpu_cores is not None:
+            pin_process_to_cores(self.cfg.cpu_cores[self.rank])
         timeout = datetime.timedelta(seconds=self.cfg.learner.dist_timeout_s)
         if not dist.is_initialized():
             dist.init_process_group(

@@ -135,3 +135,44 @@ def test_role_bundles_reserve_the_learner_cpus():
     bundles = role_bundles(config)
     assert bundles["learner"] == [{"CPU": 3}, {"CPU": 3}]
     assert bundles["rollout"] == [{"CPU": 1}]
+
+
+def test_learner_core_sets_reserve_the_last_cores_or_nothing(monkeypatch):
+    import cluster.ray_cluster as ray_cluster
+
+    monkeypatch.setattr(ray_cluster, "MACHINE_CORES", [0, 1, 2, 3, 4, 5])
+    local = CONFIGS[0].parent / "local.yaml"
+    pinned = ["cluster.pin_learner_cpus=true", "cluster.learner_cpus_per_rank=2", "learner.num_ranks=2"]
+    assert ray_cluster.learner_core_sets(load_config(local, pinned)) == [[2, 3], [4, 5]]
+    assert ray_cluster.learner_core_sets(load_config(local, pinned[1:])) is None  # pinning is off by default
+    assert ray_cluster.learner_core_sets(load_config(local, [*pinned, "cluster.learner_cpus_per_rank=3"])) is None
+    assert ray_cluster.learner_core_sets(load_config(local, [*pinned, "cluster.address=auto"])) is None
+
+
+def test_pinning_reaches_every_thread_of_the_process():
+    import os
+    import threading
+
+    from learner.worker import pin_process_to_cores
+
+    original = os.sched_getaffinity(0)
+    started, release = threading.Event(), threading.Event()
+    native: list[int] = []
+
+    def idle():
+        native.append(threading.get_native_id())
+        started.set()
+        release.wait(10)
+
+    thread = threading.Thread(target=idle)
+    thread.start()
+    started.wait(10)
+    try:
+        pin_process_to_cores([min(original)])
+        assert os.sched_getaffinity(native[0]) == {min(original)}  # a thread that already existed
+        assert os.sched_getaffinity(0) == {min(original)}
+    finally:
+        pin_process_to_cores(original)
+        release.set()
+        thread.join()
+    assert os.sched_getaffinity(0) == original
