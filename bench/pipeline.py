@@ -322,13 +322,13 @@ def run_driver(model_dir: Path, states: Sequence[Any], sizes: Sizes, staleness: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer learner steps (noisier ratios)")
-    parser.add_argument("--steps", type=int, default=None, help="learner steps per run (default 8, quick 5)")
+    parser.add_argument("--steps", type=int, default=None, help="learner steps per run (default 12, quick 6)")
     parser.add_argument("--groups-per-step", type=int, default=2, help="groups per learner step")
     parser.add_argument("--staleness", type=int, default=3, help="max_staleness of the asynchronous run")
     parser.add_argument("--no-pin", action="store_true", help="let the roles share every core (no learner pinning)")
     args = parser.parse_args()
     sizes = Sizes(
-        steps=args.steps or (5 if args.quick else 8), groups_per_step=args.groups_per_step, staleness=args.staleness,
+        steps=args.steps or (6 if args.quick else 12), groups_per_step=args.groups_per_step, staleness=args.staleness,
         pin_learner=not args.no_pin,
     )
 
