@@ -52,6 +52,11 @@ def connect(config: Config) -> dict[str, Any]:
         num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, needed)
         _check_port_free(config.logging.metrics_port)
         reserved = learner_core_sets(config)
+        if config.cluster.pin_learner_cpus and reserved is None:
+            log.warning(
+                "cluster.pin_learner_cpus ignored: the learner ranks' cores would leave none of this machine's %d "
+                "for the other roles", len(MACHINE_CORES),
+            )
         if reserved is not None:
             from learner.worker import pin_process_to_cores
 
@@ -84,10 +89,6 @@ def learner_core_sets(config: Config) -> list[list[int]] | None:
         return None
     per_rank, ranks = cluster.learner_cpus_per_rank, config.learner.num_ranks
     if per_rank * ranks >= len(MACHINE_CORES):
-        log.warning(
-            "cluster.pin_learner_cpus ignored: %d learner core(s) would leave none of this machine's %d for the other roles",
-            per_rank * ranks, len(MACHINE_CORES),
-        )
         return None
     reserved = MACHINE_CORES[-per_rank * ranks :]
     return [reserved[rank * per_rank : (rank + 1) * per_rank] for rank in range(ranks)]
@@ -175,6 +176,6 @@ def bc_rank_options(config: Config) -> dict[str, Any]:
         return options
     node_cpus = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
     if cluster.address == "local":  # a local instance may declare more logical CPUs than the machine has cores
-        node_cpus = min(node_cpus, os.cpu_count() or 1)
+        node_cpus = min(node_cpus, len(MACHINE_CORES))
     options["num_cpus"] = max(1, int(node_cpus // config.learner.num_ranks))
     return options
