@@ -147,6 +147,9 @@ class DriverMetrics:
         self.learner_tokens_per_s = Gauge("ampo_learner_tokens_per_second", "Learner throughput of the last step.")
         self.in_flight = Gauge("ampo_groups_in_flight", "Groups issued and not yet in the replay queue.")
         self.staleness = Gauge("ampo_staleness", "Mean policy-version lag of the groups of the last step.")
+        self.mode_term_group_ratio = Gauge(
+            "ampo_mode_term_group_ratio", "Share of the last step's groups that get AMPO's mode-level term."
+        )
         self.groups = Counter("ampo_driver_groups_total", "Groups per pipeline stage.", tag_keys=("stage",))
         self.eval_goal = Gauge("ampo_eval_goal", "Evaluation GOAL (0-10) of the trained agent.", tag_keys=("subset",))
 
@@ -161,6 +164,7 @@ class DriverMetrics:
         self.grad_norm.set(metrics.get("grad_norm", 0.0))
         self.learner_tokens_per_s.set(metrics.get("tokens_per_s", 0.0))
         self.staleness.set(metrics["staleness"])
+        self.mode_term_group_ratio.set(metrics.get("mode_term_group_ratio", 0.0))
         for mode in MODES:
             tags = {"mode": str(mode)}
             self.mode_fraction.set(metrics[f"mode_fraction/{mode}"], tags=tags)

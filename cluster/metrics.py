@@ -44,6 +44,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("ampo_entropy", "gauge", "driver", "Token-mean policy entropy."),
     MetricSpec("ampo_grad_norm", "gauge", "driver", "Gradient norm before clipping."),
     MetricSpec("ampo_staleness", "gauge", "driver", "Mean policy-version lag of the groups the last step consumed."),
+    MetricSpec("ampo_mode_term_group_ratio", "gauge", "driver", "Share of the last step's groups that get AMPO's mode-level term (no invalid sample, every mode at least twice); the rest are trained as by GRPO.", unit="percentunit"),
     MetricSpec("ampo_groups_in_flight", "gauge", "driver", "Groups issued and not yet in the replay queue."),
     MetricSpec("ampo_driver_groups_total", "counter", "driver", "Groups per pipeline stage (issued, generated, scored, queued, refused, dropped, consumed).", ("stage",)),
     MetricSpec("ampo_eval_goal", "gauge", "driver", "Evaluation GOAL (0–10) of the trained agent.", ("subset",)),

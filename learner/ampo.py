@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MODES", "ampo_advantages", "grpo_advantages"]
+__all__ = ["MODES", "ampo_advantages", "grpo_advantages", "mode_term_groups"]
 
 # The four thinking modes, in the code's "Thinking Level" numbering.
 MODES: tuple[int, ...] = (1, 2, 3, 4)
@@ -113,6 +113,33 @@ def _sample_term(r: np.ndarray, codes: np.ndarray, n_groups: int, eps: float) ->
     return (r - mean[codes]) / (std[codes] + eps)
 
 
+def mode_term_groups(modes: ArrayLike, group_ids: GroupIds) -> np.ndarray:
+    """Which groups get AMPO's mode-level term (spec §3.3 steps 1-3), one bool per group in order of first appearance.
+
+    A group qualifies when none of its samples is invalid (mode outside 1..4) and each of the four modes has at least
+    2 samples. Otherwise :func:`ampo_advantages` gives its samples the GRPO advantage alone, so the share of qualifying
+    groups says how much of a batch AMPO actually treats differently from GRPO: with n = 16 and a format-error rate
+    p, even an even mode mix qualifies at most (1 − p)^16 of the time (p = 0.1 gives 0.19).
+    """
+    mode_idx = _mode_index(_float_vector(modes, "modes"))
+    codes, n_groups = _group_codes(group_ids, len(mode_idx))
+    count, invalid_count = _mode_counts(mode_idx, codes, n_groups)
+    return _eligible(count, invalid_count)
+
+
+def _mode_counts(mode_idx: np.ndarray, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples per (group, mode) cell as an (n_groups, 4) table, and invalid samples per group."""
+    valid = mode_idx >= 0
+    invalid_count = np.bincount(codes[~valid], minlength=n_groups)
+    cell = codes[valid] * _NUM_MODES + mode_idx[valid]
+    count = np.bincount(cell, minlength=n_groups * _NUM_MODES).reshape(n_groups, _NUM_MODES)
+    return count, invalid_count
+
+
+def _eligible(count: np.ndarray, invalid_count: np.ndarray) -> np.ndarray:
+    return (invalid_count == 0) & (count >= _MIN_SAMPLES_PER_MODE).all(axis=1)
+
+
 def _mode_term_table(
     r: np.ndarray,
     lens: np.ndarray,
@@ -123,19 +150,17 @@ def _mode_term_table(
     tie_tolerance: float,
 ) -> np.ndarray:
     """A^M as a (n_groups, 4) table; rows of groups without a mode term are zero (see :func:`ampo_advantages`)."""
-    valid = mode_idx >= 0
-    invalid_count = np.bincount(codes[~valid], minlength=n_groups)
-    cell = codes[valid] * _NUM_MODES + mode_idx[valid]
-    n_cells = n_groups * _NUM_MODES
-    count = np.bincount(cell, minlength=n_cells).reshape(n_groups, _NUM_MODES)
-    r_sum = np.bincount(cell, weights=r[valid], minlength=n_cells).reshape(n_groups, _NUM_MODES)
-    l_sum = np.bincount(cell, weights=lens[valid], minlength=n_cells).reshape(n_groups, _NUM_MODES)
-
-    eligible = (invalid_count == 0) & (count >= _MIN_SAMPLES_PER_MODE).all(axis=1)
+    count, invalid_count = _mode_counts(mode_idx, codes, n_groups)
+    eligible = _eligible(count, invalid_count)
     table = np.zeros((n_groups, _NUM_MODES))
     if not eligible.any():
         return table
 
+    valid = mode_idx >= 0
+    cell = codes[valid] * _NUM_MODES + mode_idx[valid]
+    n_cells = n_groups * _NUM_MODES
+    r_sum = np.bincount(cell, weights=r[valid], minlength=n_cells).reshape(n_groups, _NUM_MODES)
+    l_sum = np.bincount(cell, weights=lens[valid], minlength=n_cells).reshape(n_groups, _NUM_MODES)
     c = count[eligible]
     r_bar = r_sum[eligible] / c
     l_bar = l_sum[eligible] / c

@@ -37,7 +37,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import RolloutConfig
 from actors.records import ScoredGroup
-from learner.ampo import MODES, ampo_advantages, grpo_advantages
+from learner.ampo import MODES, ampo_advantages, grpo_advantages, mode_term_groups
 from learner.checkpoint import CheckpointState, begin_checkpoint, finish_checkpoint, read_checkpoint
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.publish import PushReport, WeightPublisher
@@ -75,10 +75,13 @@ def build_train_samples(
     scored = np.array([s.reward is not None for _, s in flat], dtype=bool)
     advantages = np.zeros(len(flat))
     modes = np.array([s.mode if s.mode is not None else -1 for _, s in flat], dtype=np.float64)
+    mode_term_ratio = 0.0
     if scored.any():
         idx = np.flatnonzero(scored)
         rewards = [flat[i][1].reward for i in idx]
         ids = [flat[i][0] for i in idx]
+        # Logged for GRPO too: the share of groups AMPO would have given a mode term.
+        mode_term_ratio = float(mode_term_groups(modes[idx], ids).mean())
         if algorithm.estimator == "ampo":
             lengths = [flat[i][1].response_length for i in idx]
             advantages[idx] = ampo_advantages(
@@ -103,6 +106,7 @@ def build_train_samples(
         "unscored_samples": float((~scored).sum()),
         "stale_samples": float(sum(s.stale for s in samples)),
         "reward_mean": float(np.mean([flat[i][1].reward for i in np.flatnonzero(scored)])) if scored.any() else 0.0,
+        "mode_term_group_ratio": mode_term_ratio,
     }
     adv = advantages[scored]
     metrics["adv_mean"] = float(adv.mean()) if adv.size else 0.0

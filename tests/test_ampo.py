@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.ampo import ampo_advantages, grpo_advantages
+from learner.ampo import ampo_advantages, grpo_advantages, mode_term_groups
 
 # Worked example of spec §3.5 (one group of 8, two samples per mode).
 MODES = [1, 1, 2, 2, 3, 3, 4, 4]
@@ -294,3 +294,16 @@ def test_many_groups_match_per_group_results() -> None:
         sl = slice(g * size, (g + 1) * size)
         np.testing.assert_allclose(out[sl], ampo_advantages(rewards[sl], lengths[sl], modes[sl], groups[sl]),
                                    atol=1e-12)
+
+
+def test_mode_term_groups_marks_the_groups_ampo_treats_differently() -> None:
+    # Groups in order of first appearance: "full" has each mode twice; "err" one format error; "thin" mode 4 once;
+    # "three" only modes 1-3.
+    modes = [1, 1, 2, 2, 3, 3, 4, 4] + [1, 1, 2, 2, 3, 3, 4, -1] + [1, 1, 2, 2, 3, 3, 3, 4] + [1, 1, 2, 2, 3, 3, 3, 3]
+    ids = ["full"] * 8 + ["err"] * 8 + ["thin"] * 8 + ["three"] * 8
+    np.testing.assert_array_equal(mode_term_groups(modes, ids), [True, False, False, False])
+    # Exactly the groups whose advantages differ from GRPO's (rewards all distinct, so no group's term is zero).
+    rewards = np.linspace(0.0, 1.0, len(modes))
+    lengths = np.arange(len(modes), dtype=float) * 10
+    differs = ~np.isclose(ampo_advantages(rewards, lengths, modes, ids), grpo_advantages(rewards, ids))
+    np.testing.assert_array_equal(differs.reshape(4, 8).any(axis=1), [True, False, False, False])

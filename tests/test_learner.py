@@ -29,6 +29,9 @@ def test_advantages_follow_spec_and_stale_flags() -> None:
     assert [round(s.advantage, 3) for s in samples] == SPEC_FINAL
     assert all(s.stale and s.trainable for s in samples)
     assert info.metrics["count_mode1"] == 2 and info.metrics["adv_mean_mode4"] == pytest.approx((2.927 + 1.507) / 2, abs=1e-3)
+    # A second group with a format error gets no mode term: half of the batch's groups have one.
+    with_error = make_group("b", [-2.0, *SPEC_REWARDS[1:]], modes=[None, *SPEC_MODES[1:]])
+    assert build_train_samples([group, with_error], 3, AlgorithmConfig())[1].metrics["mode_term_group_ratio"] == 0.5
     grpo, _ = build_train_samples([group], 2, AlgorithmConfig(estimator="grpo"))
     assert not any(s.stale for s in grpo)
     assert sum(s.advantage for s in grpo) == pytest.approx(0.0, abs=1e-9)
