@@ -10,8 +10,9 @@ over two kinds of contexts, told apart by the prompt:
 * **hard**: a well-formed response of level m earns m / 4 (deeper modes earn more).
 
 Format errors get −2 from the pool. GRPO and AMPO (``algorithm.estimator``) run with the same seeds, data and
-budget. Per context kind and policy version the script records the mode mix and the mean response length, and
-writes a JSON file, a Markdown table and a PNG plot.
+budget. Per context kind and policy version the script records the mode mix, the mean response length and the share
+of groups that get AMPO's mode-level term, and writes a JSON file, a Markdown table and a PNG plot. The learning rate
+is 1e-4: at 3e-4 and above the format collapses within 40 steps (docs/experiments.md).
 
 Run from the repository root: ``.venv/bin/python -m experiments.adaptive_modes`` (results in ``runs/adaptive_modes/``, plot in
 ``docs/adaptive_modes.png``).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,6 +35,11 @@ SYSTEM = "Reply in a thinking mode."
 KINDS = ("easy", "hard")
 ANSWERS = ("Sure.", "Hello there.", "Let us meet.", "Fine.")
 SPEC = "experiments.adaptive_modes:context_rule"
+# Cloning long enough that about 2 % of samples at temperature 1 break the format (6 epochs left 13-20 %): AMPO's mode
+# term needs a group without a single format error, and with n = 16 a 15 % error rate leaves almost no such group.
+BC_EPOCHS = 16
+# One cloned model for every RL seed (it is reused from --out when present), so seeds differ only in the RL phase.
+BC_SEED = 1
 
 
 def instruction(kind: str) -> str:
@@ -81,9 +88,11 @@ def summarise(run_dir: Path, kind_of_state: dict[str, str]) -> dict[str, list[di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from learner.ampo import mode_term_groups
+
     table = pa.concat_tables([pq.read_table(p) for p in sorted((run_dir / "rollouts").glob("*.parquet"))])
     buckets: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    for row in table.select(["state_id", "policy_version", "mode", "response_token_ids"]).to_pylist():
+    for row in table.select(["group_id", "state_id", "policy_version", "mode", "response_token_ids"]).to_pylist():
         buckets[(kind_of_state[row["state_id"]], row["policy_version"])].append(row)
     result: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
     for (kind, version), rows in sorted(buckets.items()):
@@ -92,6 +101,8 @@ def summarise(run_dir: Path, kind_of_state: dict[str, str]) -> dict[str, list[di
             entry[f"mode{mode}"] = sum(r["mode"] == mode for r in rows) / len(rows)
         entry["format_error"] = sum(r["mode"] is None for r in rows) / len(rows)
         entry["tokens"] = sum(len(r["response_token_ids"]) for r in rows) / len(rows)
+        # Groups are all n samples, so this group share weighs like the sample shares above.
+        entry["mode_term"] = float(mode_term_groups([r["mode"] or -1 for r in rows], [r["group_id"] for r in rows]).mean())
         result[kind].append(entry)
     return result
 
@@ -100,7 +111,7 @@ def window(entries: list[dict[str, float]], first: bool, size: int) -> dict[str,
     """Sample-weighted averages over the first or last ``size`` policy versions."""
     chosen = entries[:size] if first else entries[-size:]
     total = sum(e["samples"] for e in chosen)
-    keys = ["mode1", "mode2", "mode3", "mode4", "format_error", "tokens"]
+    keys = ["mode1", "mode2", "mode3", "mode4", "format_error", "mode_term", "tokens"]
     return {k: sum(e[k] * e["samples"] for e in chosen) / total for k in keys} | {"samples": total}
 
 
@@ -108,9 +119,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/adaptive_modes"), help="models, run folders, JSON")
     parser.add_argument("--plot", type=Path, default=Path("docs/adaptive_modes.png"))
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=3e-4, help="learner lr (1e-3 collapses the format, see docs/experiments.md)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=1, help="RL seed: sampling, data order (the cloned model is shared)")
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="learner lr (3e-4 and 1e-3 collapse the format within 40 steps, see docs/experiments.md)")
     args = parser.parse_args()
     for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "auto", "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)
@@ -127,17 +139,18 @@ def main() -> None:
     started = time.monotonic()
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND", "TOKENIZERS_PARALLELISM")}})
-    base = build_tiny_model(out / "base", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, seed=args.seed)
     bc_dir = out / "bc"
     if not (bc_dir / "config.json").is_file():
-        run_bc(BCConfig(lr=3e-3, warmup_ratio=0.05, epochs=6, batch_size=8, cutoff_len=256), demo_records(512), base,
-               bc_dir, learner=LearnerConfig(num_ranks=1, micro_batch_size=8, backend="gloo"), seed=args.seed)
+        base = build_tiny_model(out / "base", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, seed=BC_SEED)
+        run_bc(BCConfig(lr=3e-3, warmup_ratio=0.05, epochs=BC_EPOCHS, batch_size=8, cutoff_len=256), demo_records(512), base,
+               bc_dir, learner=LearnerConfig(num_ranks=1, micro_batch_size=8, backend="gloo"), seed=BC_SEED)
     bc_seconds = time.monotonic() - started
     train_states = states(4)
     kind_of_state = {s.state_id: s.agent1_goal.split(":", 1)[0] for s in train_states}
     results: dict[str, Any] = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "bc_seconds": round(bc_seconds, 1), "runs": {}}
     for estimator in ("grpo", "ampo"):
-        run_dir = out / f"{estimator}-lr{args.lr:g}"
+        run_dir = out / f"{estimator}-lr{args.lr:g}-seed{args.seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # the summary reads every rollout file in it
         config = load_config("configs/tiny.yaml", [
             f"rollout.model={bc_dir}", f"cluster.run_dir={run_dir}", f"cluster.seed={args.seed}",
             f"rollout.seed={args.seed}", f"data.seed={args.seed}", f"reward.custom_reward={SPEC}",
@@ -152,15 +165,15 @@ def main() -> None:
         }
     ray.shutdown()
     results["total_seconds"] = round(time.monotonic() - started, 1)
-    (out / f"adaptive_modes-lr{args.lr:g}.json").write_text(json.dumps(results, indent=1))
+    (out / f"adaptive_modes-lr{args.lr:g}-seed{args.seed}.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     plot(results, args.plot)
 
 
 def table(results: dict[str, Any], size: int = 4) -> str:
     """Markdown: per estimator and kind, mode mix and tokens over the first and the last ``size`` policy versions."""
-    lines = ["| estimator | context | versions | level 1 | level 2 | level 3 | level 4 | format errors | response tokens | samples |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| estimator | context | versions | level 1 | level 2 | level 3 | level 4 | format errors | groups with a mode term | response tokens | samples |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for estimator, run in results["runs"].items():
         for kind in KINDS:
             entries = run["by_kind"][kind]
@@ -168,7 +181,7 @@ def table(results: dict[str, Any], size: int = 4) -> str:
                 w = window(entries, first, size)
                 span = entries[:size] if first else entries[-size:]
                 label = f"{int(span[0]['version'])}–{int(span[-1]['version'])}"
-                lines.append(f"| {estimator} | {kind} | {label} | " + " | ".join(f"{w[k]:.2f}" for k in ("mode1", "mode2", "mode3", "mode4", "format_error"))
+                lines.append(f"| {estimator} | {kind} | {label} | " + " | ".join(f"{w[k]:.2f}" for k in ("mode1", "mode2", "mode3", "mode4", "format_error", "mode_term"))
                              + f" | {w['tokens']:.0f} | {w['samples']} |")
     return "\n".join(lines)
 
