@@ -123,17 +123,20 @@ def mode_term_groups(modes: ArrayLike, group_ids: GroupIds) -> np.ndarray:
     """
     mode_idx = _mode_index(_float_vector(modes, "modes"))
     codes, n_groups = _group_codes(group_ids, len(mode_idx))
-    count, invalid_count = _mode_counts(mode_idx, codes, n_groups)
+    _, _, count, invalid_count = _mode_cells(mode_idx, codes, n_groups)
     return _eligible(count, invalid_count)
 
 
-def _mode_counts(mode_idx: np.ndarray, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Samples per (group, mode) cell as an (n_groups, 4) table, and invalid samples per group."""
+def _mode_cells(
+    mode_idx: np.ndarray, codes: np.ndarray, n_groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(valid, cell, count, invalid_count)``: which samples have a mode 1..4, the flat (group, mode) cell of each
+    of those, samples per cell as an (n_groups, 4) table, and invalid samples per group."""
     valid = mode_idx >= 0
     invalid_count = np.bincount(codes[~valid], minlength=n_groups)
     cell = codes[valid] * _NUM_MODES + mode_idx[valid]
     count = np.bincount(cell, minlength=n_groups * _NUM_MODES).reshape(n_groups, _NUM_MODES)
-    return count, invalid_count
+    return valid, cell, count, invalid_count
 
 
 def _eligible(count: np.ndarray, invalid_count: np.ndarray) -> np.ndarray:
@@ -150,14 +153,12 @@ def _mode_term_table(
     tie_tolerance: float,
 ) -> np.ndarray:
     """A^M as a (n_groups, 4) table; rows of groups without a mode term are zero (see :func:`ampo_advantages`)."""
-    count, invalid_count = _mode_counts(mode_idx, codes, n_groups)
+    valid, cell, count, invalid_count = _mode_cells(mode_idx, codes, n_groups)
     eligible = _eligible(count, invalid_count)
     table = np.zeros((n_groups, _NUM_MODES))
     if not eligible.any():
         return table
 
-    valid = mode_idx >= 0
-    cell = codes[valid] * _NUM_MODES + mode_idx[valid]
     n_cells = n_groups * _NUM_MODES
     r_sum = np.bincount(cell, weights=r[valid], minlength=n_cells).reshape(n_groups, _NUM_MODES)
     l_sum = np.bincount(cell, weights=lens[valid], minlength=n_cells).reshape(n_groups, _NUM_MODES)
