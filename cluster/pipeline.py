@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.config import RolloutConfig
+from actors.precision import resolve_dtype
 from actors.jsonrows import read_json_rows
 from actors.records import GroupRequest, SamplingSpec
 from actors.sotopia import ScenarioDataError, SotopiaDataset
@@ -144,7 +145,7 @@ def open_endpoint(
     server = JudgeServer(
         path,
         served_model_name=name,
-        dtype=rollout.dtype,
+        dtype=resolve_dtype(rollout.dtype, what=f"local {what} server"),
         max_model_len=_position_limit(path),
         kv_cache_memory_bytes=rollout.kv_cache_memory_bytes,
         enforce_eager=rollout.enforce_eager,

@@ -31,8 +31,10 @@ class LearnerConfig(BaseModel):
     """Gradient-norm clipping."""
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per forward/backward on one rank (paper: 8 per GPU)."""
-    mixed_precision: Literal["fp32", "bf16"] = "bf16"
-    """Parameter dtype in forward/backward; master weights and optimiser state stay fp32."""
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Parameter dtype in forward/backward; master weights and optimiser state stay fp32. `auto`: bf16 where the
+    rank's device computes bfloat16 natively (a recent GPU, or a CPU with AVX512_BF16/AMX), fp32 elsewhere; each
+    rank logs its choice."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward to save memory."""
     cpu_offload: bool = False

@@ -193,9 +193,10 @@ class LearnerGroup:
         addr, port = ray.get(self.workers[0].address.remote(), timeout=setup_timeout_s)
         info = ray.get([w.setup.remote(addr, port) for w in self.workers], timeout=setup_timeout_s)
         log.info(
-            "learner group ready: %d rank(s), %s, %d parameters, %.1f s",
+            "learner group ready: %d rank(s), %s, %s compute, %d parameters, %.1f s",
             self.world_size,
             info[0]["backend"],
+            info[0]["compute_dtype"],
             info[0]["parameters"],
             time.monotonic() - started,
         )
@@ -279,12 +280,16 @@ class LearnerGroup:
         """Push future weight versions to these rollout actors, with the transport and limits of ``rollout``."""
         if self.publisher is not None:
             self.publisher.close()
+        # The weights travel in the dtype the engines load (each resolved `auto` on its own node).
+        engine_dtypes = {health["dtype"] for health in ray.get([a.health.remote() for a in actors], timeout=self.setup_timeout_s)}
+        if len(engine_dtypes) != 1:
+            raise RuntimeError(f"rollout engines run in different dtypes {sorted(engine_dtypes)}; set rollout.dtype explicitly")
         self.publisher = WeightPublisher(
             actors,
             transport=rollout.weight_transport,
             timeout_s=rollout.weight_update_timeout_s,
             bucket_bytes=rollout.weight_bucket_bytes,
-            dtype=None if rollout.dtype == "auto" else rollout.dtype,
+            dtype=engine_dtypes.pop(),
             backend=resolve_backend(self.learner.backend),
             ranks_per_actor=rollout.tensor_parallel_size,
         )

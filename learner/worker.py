@@ -57,6 +57,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from actors.precision import resolve_dtype
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.loss import policy_loss, token_logprobs_and_entropy
 
@@ -224,6 +225,8 @@ class LearnerWorker:
             )
         torch.manual_seed(self.cfg.seed)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
+        choice = {"bf16": "bfloat16", "fp32": "float32"}.get(self.cfg.learner.mixed_precision, "auto")
+        self.compute_dtype = resolve_dtype(choice, what=f"learner rank {self.rank}", device=self.device.type)
         self.model = self._load_sharded(mesh, trainable=True)
         algo = self.cfg.algorithm
         if algo is not None and algo.kl_coef > 0:
@@ -238,7 +241,7 @@ class LearnerWorker:
         )
         self.scheduler = make_scheduler(self.optimizer, self.cfg.schedule)
         params = sum(p.numel() for p in self.model.parameters())
-        return {"rank": self.rank, "parameters": params, "backend": self.backend, "device": str(self.device)}
+        return {"rank": self.rank, "parameters": params, "backend": self.backend, "device": str(self.device), "compute_dtype": self.compute_dtype}
 
     def _load_sharded(self, mesh: Any, *, trainable: bool) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -255,7 +258,7 @@ class LearnerWorker:
             model.eval()
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if learner.mixed_precision == "bf16"
+            if self.compute_dtype == "bfloat16"
             else MixedPrecisionPolicy()
         )
         offload: Any = {}

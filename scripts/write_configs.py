@@ -21,7 +21,6 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
             "cluster.run_dir=runs/local",
             "cluster.learner_cpus_per_rank=2",
             "rollout.model=embedded",
-            "rollout.dtype=bfloat16",
             "rollout.max_model_len=2048",
             "rollout.max_prompt_tokens=1536",
             "rollout.max_response_tokens=384",

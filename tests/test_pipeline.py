@@ -251,7 +251,8 @@ async def test_eval_self_play_judged_and_resumed(fault_server, tmp_path):
     result = await evaluate_async(config, policy=ScriptedPolicy(), judge=judge, out_path=out, max_episodes=3,
                                   progress=False)
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["env_id"] for r in records] == [0, 1, 2] and all(r["evaluation_error"] is None for r in records)
+    # Episodes are appended as they finish (so an interruption keeps every finished one), in any order.
+    assert sorted(r["env_id"] for r in records) == [0, 1, 2] and all(r["evaluation_error"] is None for r in records)
     for record in records:  # the scores are the judge's, as integers, for both agents
         answer = json.loads(hashed_answer(fault_server_prompt(record)))
         assert record["agent1_scores"] == {k: list(v) for k, v in answer["agent_1_evaluation"].items()}
