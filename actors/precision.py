@@ -17,7 +17,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AUTO", "cpu_bf16_flags", "native_bf16", "resolve_dtype"]
+__all__ = ["AUTO", "cpu_bf16_flags", "cpu_vector_units", "native_bf16", "resolve_dtype"]
 
 AUTO = "auto"
 # CPU feature flags (as /proc/cpuinfo spells them) that mean bfloat16 matrix products run in hardware.
@@ -34,6 +34,20 @@ def cpu_bf16_flags(cpuinfo: str) -> list[str]:
         if key.strip() in ("flags", "Features"):
             found.update(flag for flag in value.split() if flag in BF16_CPU_FLAGS)
     return sorted(found)
+
+
+def cpu_vector_units(cpuinfo: str) -> str:
+    """The widest vector instruction set a /proc/cpuinfo text lists, and whether bfloat16 is native, in words (for
+    the header of every timing: the same run is several times slower on an AVX2-only CPU)."""
+    flags = {flag for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() in ("flags", "Features")
+             for flag in line.split(":", 1)[1].split()}
+    bf16 = cpu_bf16_flags(cpuinfo)
+    native = f"native bfloat16 ({', '.join(bf16)})" if bf16 else "no native bfloat16"
+    if "avx512f" in flags:
+        return f"AVX-512, {native}"
+    if "avx2" in flags:
+        return f"AVX2 without AVX-512, {native}"
+    return native
 
 
 @functools.cache

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.precision import cpu_vector_units
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULT_LINE = re.compile(r"^RESULT (\w+)=(\S+)\s*$")
@@ -148,6 +150,7 @@ def machine() -> dict[str, str]:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), cpu)
+        cpu = f"{cpu} ({cpu_vector_units(cpuinfo)})"
         kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
         ram = f"{kib / 2**20:.1f} GiB"
     except (OSError, StopIteration, ValueError):

@@ -21,6 +21,7 @@ from actors.states import read_states
 from cluster.config import Config, dump_config
 from cluster.models import resolve_model
 from cluster.pipeline import build_states, evaluate, make_demos, open_endpoint, opening_states, report, run_bc_command, select_episodes
+from cluster.report import compare_first_last
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ def run_local(config: Config) -> dict[str, Any]:
         log.info("[4/6] AMPO: %d learner steps on %d states", config.algorithm.total_steps, len(states))
         training = _train(config, states, bc_model, judge.base_url, judge.model)
         summary["training"] = training
+        learning = compare_first_last(run_dir / "rollouts")
+        if learning is not None:
+            summary["learning"] = learning.as_dict()
+            log.info("what the training changed:\n%s", learning.markdown())
         stage("AMPO training")
 
         log.info("[5/6] evaluation: Sotopia episodes of the trained policy judged on 7 dimensions")

@@ -1135,7 +1135,7 @@ def report(
     the spec §5.5 tables (actor / opponent / average per dimension and overall, all and hard, plus mode usage);
     and, when `run_dir` holds a `metrics.jsonl`, PNG plots of the run (reward, format errors, mode mix, tokens per
     mode, KL, entropy, evaluation GOAL over steps) listed in the report."""
-    from cluster.report import plot_training, read_step_metrics
+    from cluster.report import compare_first_last, plot_training, read_step_metrics
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1151,8 +1151,14 @@ def report(
     metrics_file = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
     if metrics_file is not None and metrics_file.is_file():
         plots = plot_training(read_step_metrics(metrics_file), out)
-        markdown += ["## Training run", "", f"`{metrics_file}`", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-        text += [f"== training run {metrics_file} ==", *(f"plot: {p}" for p in plots), ""]
+        markdown += ["## Training run", "", f"`{metrics_file}`", ""]
+        text += [f"== training run {metrics_file} =="]
+        learning = compare_first_last(Path(run_dir) / "rollouts")
+        if learning is not None:
+            markdown += ["### Did the policy improve?", "", learning.markdown(), ""]
+            text += [learning.markdown(), ""]
+        markdown += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+        text += [*(f"plot: {p}" for p in plots), ""]
     if not summaries and not plots:
         raise ValueError("nothing to report: give results files, or a run directory with metrics.jsonl")
     md_path, text_path = out / "report.md", out / "report.txt"

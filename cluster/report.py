@@ -1,9 +1,11 @@
-"""Plots of a training run, read from `<run_dir>/metrics.jsonl` (one JSON object per learner step, with
-the keys documented in docs/metrics.md), written as PNG files with matplotlib."""
+"""What a training run shows: plots read from `<run_dir>/metrics.jsonl` (one JSON object per learner step, with
+the keys documented in docs/metrics.md), written as PNG files with matplotlib, and a first-against-last comparison
+of the run's samples (`<run_dir>/rollouts/*.parquet`) with its significance tests."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,95 @@ def plot_training(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+@dataclass(frozen=True)
+class WindowComparison:
+    """One outcome in the first and the last window of policy versions, with a one-sided test of improvement."""
+
+    name: str
+    first: tuple[float, float, int]
+    """(mean, standard deviation, samples) in the first window."""
+    last: tuple[float, float, int]
+    test: str
+    p_value: float
+
+    @property
+    def change(self) -> float:
+        return self.last[0] - self.first[0]
+
+    def line(self) -> str:
+        (m0, s0, n0), (m1, s1, n1) = self.first, self.last
+        return (f"| {self.name} | {m0:.3f} ± {s0:.3f} (n={n0}) | {m1:.3f} ± {s1:.3f} (n={n1}) | {self.change:+.3f} "
+                f"| {self.test} | {self.p_value:.2g} |")
+
+
+@dataclass(frozen=True)
+class LearningComparison:
+    """Did the policy get better? Samples of the first ``window`` policy versions against the last ``window``."""
+
+    versions: tuple[int, ...]
+    window: int
+    outcomes: tuple[WindowComparison, ...]
+
+    def markdown(self) -> str:
+        head = (f"First {self.window} against last {self.window} of {len(self.versions)} policy versions (each sample counted "
+                "under the version that generated it; one-sided tests of improvement):")
+        rows = ["| outcome | first window | last window | change | test | p |", "| --- | --- | --- | --- | --- | --- |"]
+        return "\n".join([head, "", *rows, *(o.line() for o in self.outcomes)])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"versions": len(self.versions), "window": self.window, **{
+            o.name: {"first": o.first[0], "last": o.last[0], "change": o.change, "p": o.p_value, "test": o.test}
+            for o in self.outcomes}}
+
+
+def compare_first_last(rollouts_dir: Path, window: int | None = None) -> LearningComparison | None:
+    """First against last policy versions of a run's rollout files (``<run_dir>/rollouts/*.parquet``).
+
+    ``window`` defaults to a third of the versions (at least 1). Outcomes and tests:
+
+    - format-error share (lower is better): Fisher's exact test on the 2×2 table (window × well-formed or not);
+    - mean reward of the scored samples, format errors included as −2 (higher is better): Welch's t-test;
+    - mean reward of the well-formed samples, the judge's part alone (higher is better): Welch's t-test.
+
+    None when there are fewer than two policy versions, so nothing to compare.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from scipy import stats
+
+    files = sorted(Path(rollouts_dir).glob("*.parquet"))
+    if not files:
+        return None
+    table = pa.concat_tables([pq.read_table(p, columns=["policy_version", "format_valid", "reward"]) for p in files])
+    rows = table.to_pylist()
+    versions = tuple(sorted({r["policy_version"] for r in rows}))
+    if len(versions) < 2:
+        return None
+    k = window or max(1, len(versions) // 3)
+    k = min(k, len(versions) // 2)  # the two windows never share a version
+    first_v, last_v = set(versions[:k]), set(versions[-k:])
+    first = [r for r in rows if r["policy_version"] in first_v]
+    last = [r for r in rows if r["policy_version"] in last_v]
+
+    def summary(values: list[float]) -> tuple[float, float, int]:
+        return (float(np.mean(values)) if values else float("nan"), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                len(values))
+
+    def welch(name: str, a: list[float], b: list[float]) -> WindowComparison:
+        p = float(stats.ttest_ind(b, a, equal_var=False, alternative="greater").pvalue) if len(a) > 1 and len(b) > 1 else float("nan")
+        return WindowComparison(name, summary(a), summary(b), "Welch t", p)
+
+    errors = [[sum(not r["format_valid"] for r in w), sum(bool(r["format_valid"]) for r in w)] for w in (first, last)]
+    fisher = float(stats.fisher_exact([errors[1], errors[0]], alternative="less").pvalue)
+    error_share = WindowComparison(
+        "format-error share", summary([float(not r["format_valid"]) for r in first]),
+        summary([float(not r["format_valid"]) for r in last]), "Fisher exact", fisher,
+    )
+    scored = [[r["reward"] for r in w if r["reward"] is not None] for w in (first, last)]
+    judged = [[r["reward"] for r in w if r["reward"] is not None and r["format_valid"]] for w in (first, last)]
+    return LearningComparison(versions, k, (
+        error_share, welch("reward (format errors as −2)", *scored), welch("reward of well-formed samples", *judged),
+    ))

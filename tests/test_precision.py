@@ -71,3 +71,12 @@ def test_this_machine_is_read_from_proc_cpuinfo() -> None:
     native, why = precision.native_bf16("cpu")
     assert native == bool(flags)
     assert all(flag in why for flag in flags)
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "words"),
+    [(ZEN4, "AVX-512, native bfloat16 (avx512_bf16)"), (AVX2_ONLY, "AVX2 without AVX-512, no native bfloat16"),
+     (NEOVERSE, "native bfloat16 (bf16)")],
+)
+def test_the_cpu_is_described_for_timing_headers(cpuinfo: str, words: str) -> None:
+    assert precision.cpu_vector_units(cpuinfo) == words

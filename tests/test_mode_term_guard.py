@@ -1,0 +1,59 @@
+"""The science guard: AMPO's mode-level term must do what the paper says it does, through the whole pipeline.
+
+In a tie context every well-formed response earns the same reward, so in a group without format errors GRPO's
+sample-level advantages are all 0 and only AMPO's mode term, in its length branch (shorter modes get
+``tanh(−(l̄_k − μ_l)/σ_l) > 0``), can move the mode mix. The test clones the adaptive-mode experiment's small policy on
+all four modes (``experiments/adaptive_modes.py``), then trains it on tie contexts twice through the real pipeline
+(vLLM rollouts, reward pool, queue, FSDP2 learner, weight push): once with AMPO, once with GRPO, same seed and budget.
+
+It fails unless
+- AMPO's level-1 share over the last 8 steps is above its first 8 steps' (Welch t-test on the per-step shares,
+  p < 0.01), and
+- AMPO's level-1 share over the last 8 steps is above GRPO's over the same steps (Welch, p < 0.01).
+
+GRPO also drifts a little towards level 1, because format errors (−2) fall mostly on the long modes; the second
+condition is what only the mode term can meet. Deleting the mode term makes AMPO train like GRPO, and flipping its
+sign pushes AMPO towards the long modes: both fail (see the closing note of the session that added this test).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from cluster.config import load_config
+from cluster.driver import TrainingDriver
+from experiments.adaptive_modes import clone, overrides, states
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+WINDOW = 8
+LR = 1e-4
+
+
+def level1_shares(estimator: str, bc_dir: Path, run_dir: Path, tiny_config_path: Path) -> np.ndarray:
+    records: list[dict[str, Any]] = []
+    config = load_config(tiny_config_path, overrides(run_dir, bc_dir, estimator, seed=1, steps=STEPS, lr=LR))
+    summary = TrainingDriver(config, states(("easy",)), bc_dir, on_step=records.append).run()
+    assert summary["steps"] == STEPS
+    return np.array([r["count_mode1"] / r["samples"] for r in records])
+
+
+def test_ampo_mode_term_shortens_modes_where_grpo_has_no_signal(ray_local, tiny_config_path: Path, tmp_path: Path) -> None:
+    bc_dir = clone(tmp_path)
+    ampo = level1_shares("ampo", bc_dir, tmp_path / "ampo", tiny_config_path)
+    grpo = level1_shares("grpo", bc_dir, tmp_path / "grpo", tiny_config_path)
+    rise = stats.ttest_ind(ampo[-WINDOW:], ampo[:WINDOW], equal_var=False, alternative="greater")
+    versus = stats.ttest_ind(ampo[-WINDOW:], grpo[-WINDOW:], equal_var=False, alternative="greater")
+    print(
+        f"\nmode-term guard: level-1 share AMPO {ampo[:WINDOW].mean():.3f} -> {ampo[-WINDOW:].mean():.3f} "
+        f"(p = {rise.pvalue:.2g}); GRPO {grpo[:WINDOW].mean():.3f} -> {grpo[-WINDOW:].mean():.3f}; "
+        f"last {WINDOW} steps AMPO vs GRPO p = {versus.pvalue:.2g}"
+    )
+    assert rise.pvalue < 0.01, ampo.round(2).tolist()
+    assert versus.pvalue < 0.01, (ampo.round(2).tolist(), grpo.round(2).tolist())
