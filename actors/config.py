@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class RolloutConfig(BaseModel):
@@ -70,9 +70,13 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
-    scenarios: Path | None = None
+    benchmark: Literal["bundled", "sotopia"] = "bundled"
+    """The scenario set the run is about. `sotopia`: the Sotopia benchmark of the paper's Table 1 (450 episodes, 70
+    of them hard), read from the folder `scenarios` names; a config without that folder stops at start-up. `bundled`:
+    the project's own small set, for local runs and tests."""
+    scenarios: Path | None = Field(None, validate_default=True)
     """Folder in the Sotopia JSON layout (agents.json, envs.json, env_agent_combos.json, sotopia_hard.json);
-    null uses the small scenario set bundled with the project."""
+    null uses the small scenario set bundled with the project (not allowed with `benchmark: sotopia`)."""
     train_states: Path | None = None
     """RL states (JSON or Parquet, the authors' schema, spec §5.4); null builds them with `ampo build-states`."""
     bc_data: Path | None = None
@@ -89,3 +93,14 @@ class DataConfig(BaseModel):
     """Shuffle RL states each epoch."""
     seed: int = 1
     """Seed of the data order (paper: 1)."""
+
+    @field_validator("scenarios")
+    @classmethod
+    def _benchmark_needs_its_folder(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None and info.data.get("benchmark") == "sotopia":
+            raise ValueError(
+                "this config evaluates on the Sotopia benchmark, so set data.scenarios=DIR: a folder with agents.json, "
+                "envs.json, env_agent_combos.json and sotopia_hard.json (Sotopia's public release; the AMPO repository "
+                "also ships them under RL/verl/envs/sotopia_utils/sotopia_data/); `ampo data check DIR` verifies it"
+            )
+        return value

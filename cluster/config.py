@@ -170,6 +170,8 @@ def _describe(err: dict[str, Any]) -> str:
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         hint = f"; did you mean {'.'.join(loc[:-1] + (close[0],))!r}?" if close else ""
         return f"unknown key {dotted!r}{hint} (valid keys here: {', '.join(valid)})"
+    if err["type"] == "value_error":  # a rule of the field itself: its message says what to do
+        return f"{dotted}: {err['msg'].removeprefix('Value error, ')}"
     expected = _field_type_at(loc)
     got = err.get("input")
     shown = repr(got) if not isinstance(got, dict) else "a mapping"

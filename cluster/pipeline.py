@@ -1125,6 +1125,19 @@ def _headline(summary: ResultsSummary) -> str:
     return "; ".join(parts) or "no evaluated episode"
 
 
+SOTOPIA_EPISODES, SOTOPIA_HARD = 450, 70
+
+
+def _coverage(records: Sequence[Mapping[str, Any]]) -> str:
+    """Which share of the Sotopia benchmark a results file covers, so that a partial one is never read as Table 1."""
+    episodes = {r.get("env_id") for r in records}
+    hard = {r.get("env_id") for r in records if r.get("hard")}
+    if len(episodes) == SOTOPIA_EPISODES and len(hard) == SOTOPIA_HARD:
+        return f"Episodes: the full Sotopia benchmark ({SOTOPIA_EPISODES} episodes, {SOTOPIA_HARD} hard)."
+    return (f"Episodes: {len(episodes)} ({len(hard)} hard), not the full Sotopia benchmark of {SOTOPIA_EPISODES} "
+            f"({SOTOPIA_HARD} hard): these figures are not comparable with the paper's Table 1.")
+
+
 def report(
     results: Sequence[str | Path] = (),
     *,
@@ -1143,10 +1156,12 @@ def report(
     markdown: list[str] = ["# AMPO report", ""]
     text: list[str] = ["AMPO report", ""]
     for path in map(Path, results):
-        summary = summarise_results(load_results(path))
+        records = load_results(path)
+        summary = summarise_results(records)
         summaries[str(path)] = summary
-        markdown += [f"## {path.name}", "", f"`{path}`", "", _headline(summary), "", render_summary(summary, "markdown")]
-        text += [f"== {path} ==", _headline(summary), "", render_summary(summary, "text")]
+        coverage = _coverage(records)
+        markdown += [f"## {path.name}", "", f"`{path}`", "", _headline(summary), "", coverage, "", render_summary(summary, "markdown")]
+        text += [f"== {path} ==", _headline(summary), coverage, "", render_summary(summary, "text")]
     plots: list[Path] = []
     metrics_file = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
     if metrics_file is not None and metrics_file.is_file():

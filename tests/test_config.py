@@ -7,6 +7,9 @@ from cluster.cli import main
 from cluster.config import Config, ConfigError, config_template, dump_config, load_config
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml") if p.name != "runtime_env.yaml")
+PAPER_CONFIGS = [p for p in CONFIGS if p.name in ("llama3.1-8b.yaml", "qwen2.5-7b.yaml")]
+# A folder in the Sotopia layout: the bundled set (the paper configs need one named).
+SOTOPIA_LAYOUT = Path(__file__).resolve().parent.parent / "actors" / "scenarios"
 
 
 def _leaf_paths(model, prefix=()):
@@ -34,13 +37,27 @@ def test_defaults_are_the_paper_values():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_file_loads_and_shows_every_field(path):
-    config = load_config(path)
+    config = load_config(path, [f"data.scenarios={SOTOPIA_LAYOUT}"] if path in PAPER_CONFIGS else [])
     raw = yaml.safe_load(path.read_text())
     for leaf in _leaf_paths(config):
         node = raw
         for part in leaf:
             assert isinstance(node, dict) and part in node, f"{path.name} does not show {'.'.join(leaf)}"
             node = node[part]
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
+def test_paper_configs_stop_without_the_benchmark_folder(path, capsys):
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message and "data.scenarios: " in message and "sotopia_hard.json" in message
+    assert load_config(path, [f"data.scenarios={SOTOPIA_LAYOUT}"]).data.benchmark == "sotopia"
+    # The command line says the same in one line, before anything starts.
+    assert main(["config", "show", "--config", str(path)]) == 2
+    assert "data.scenarios: this config evaluates on the Sotopia benchmark" in capsys.readouterr().err
+    # Only the paper configs ask for it.
+    assert all(load_config(p).data.benchmark == "bundled" for p in CONFIGS if p not in PAPER_CONFIGS)
 
 
 def test_every_field_has_a_docstring():

@@ -370,6 +370,7 @@ def test_report_tables_with_hand_checked_numbers(tmp_path):
     assert "| GOAL (goal) | 7.00 ± 0.00 | 5.00 ± 0.00 | 6.00 ± 0.00 |" in md
     assert "| overall | 3.14 ± 0.00 | 1.57 ± 0.00 | 2.36 ± 0.00 |" in md
     assert "episodes: 3, evaluated: 2, excluded: 1 {'unparseable': 1}" in md
+    assert "not the full Sotopia benchmark of 450 (70 hard): these figures are not comparable" in md
     assert "all: GOAL actor 8.00 / avg 6.75, overall actor 3.57 / avg 2.86; hard: GOAL actor 7.00 / avg 6.00, " \
            "overall actor 3.14 / avg 2.36" in md
     # Mode usage over every record: modes 1, 2, 2, 2, 3, 4 and one broken format; mode 2 tokens (20+50+70)/3.
@@ -388,6 +389,16 @@ def test_report_tables_with_hand_checked_numbers(tmp_path):
     again = report([authors], out_dir=tmp_path / "report2")
     assert "| overall | 3.57 ± 0.43 | 2.14 ± 0.57 | 2.86 ± 0.50 |" in again.markdown.read_text()
     assert again.plots == []
+
+
+def test_coverage_names_the_full_benchmark_only_when_every_episode_is_there():
+    from cluster.pipeline import _coverage
+
+    full = [{"env_id": i, "hard": i < 70} for i in range(450)]
+    assert _coverage(full) == "Episodes: the full Sotopia benchmark (450 episodes, 70 hard)."
+    # Against a partner every episode is played twice; that is still the full benchmark.
+    assert _coverage(full + [dict(r) for r in full]).startswith("Episodes: the full")
+    assert _coverage(full[:449]).startswith("Episodes: 449 (70 hard), not the full Sotopia benchmark")
 
 
 def test_summary_view_counts_only_the_models_turns_against_a_partner():
