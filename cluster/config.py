@@ -56,6 +56,16 @@ class ClusterConfig(BaseModel):
     """Global seed (torch, numpy, python)."""
 
 
+class PartnerConfig(JudgeConfig):
+    """The partner of vs-partner evaluations: an endpoint like the judge's, plus how its replies are sampled."""
+
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of the partner's replies (paper: 0 for GPT-4o; the authors' configs use 0.7 for the
+    reasoning models QwQ-32B and DeepSeek-R1)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus-sampling mass of the partner's replies (paper: 1, no truncation)."""
+
+
 class EvalConfig(BaseModel):
     """Sotopia evaluation: full episodes judged on 7 dimensions (spec §5)."""
 
@@ -73,7 +83,7 @@ class EvalConfig(BaseModel):
     """Cap on episodes per evaluation (null: all)."""
     judge: JudgeConfig = JudgeConfig(max_tokens=4096)
     """Episode evaluator (paper: gpt-4o-2024-08-06, temperature 0)."""
-    partner: JudgeConfig | None = None
+    partner: PartnerConfig | None = None
     """Partner model reached through an OpenAI-compatible API; null plays self-play."""
 
 
@@ -154,6 +164,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if child is None:  # an optional section left null (eval.partner): the override starts it
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = child

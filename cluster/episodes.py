@@ -404,6 +404,7 @@ class OpenAIPartner:
         api_key_env: str = "AMPO_PARTNER_API_KEY",
         api_key_file: Path | None = None,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         max_tokens: int = 1024,
         max_concurrency: int = 30,
         timeout_s: float = 120.0,
@@ -417,13 +418,15 @@ class OpenAIPartner:
                                    max_retries=max_retries)
         self.model = model
         self.temperature = temperature
+        self.top_p = top_p
         self.max_tokens = max_tokens
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def _reply(self, messages: list[Message]) -> str:
         async with self._slots:
             completion = await self._client.chat.completions.create(
-                model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
+                model=self.model, messages=messages, temperature=self.temperature, top_p=self.top_p,
+                max_tokens=self.max_tokens,
             )
         return completion.choices[0].message.content or ""
 

@@ -66,7 +66,7 @@ from actors.jsonrows import read_json_rows
 from actors.records import GroupRequest, SamplingSpec
 from actors.sotopia import ScenarioDataError, SotopiaDataset
 from actors.states import RLState, StateDataError, StateScores, check_states, make_state, read_states, write_states
-from cluster.config import Config, ConfigError
+from cluster.config import Config, ConfigError, PartnerConfig
 from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Generation, Message, OpenAIPartner, Policy
 from learner.bc import BCDataError, BCRecord, load_bc_records, parse_bc_record
 from reward.config import JudgeConfig
@@ -986,13 +986,14 @@ class EvalReport:
         return eval_metrics(self.summary, hard_only=self.hard_only)
 
 
-def _partner_from(section: JudgeConfig, endpoint: Endpoint) -> OpenAIPartner:
+def _partner_from(section: PartnerConfig, endpoint: Endpoint) -> OpenAIPartner:
     return OpenAIPartner(
         base_url=endpoint.base_url,
         model=endpoint.model,
         api_key_env=section.api_key_env,
         api_key_file=section.api_key_file,
-        temperature=0.0,
+        temperature=section.temperature,
+        top_p=section.top_p,
         max_tokens=section.max_tokens,
         max_concurrency=section.max_concurrency,
         timeout_s=section.timeout_s,
@@ -1022,7 +1023,10 @@ async def evaluate_async(
     roles = 1 if partner is None else 2
     bar = _progress(len(episode_ids) * roles, "episodes evaluated", progress)
     # The partner's client limits come from `eval.partner` (or the evaluator's section when it is only a URL given).
-    partner_client = _partner_from(config.eval.partner or config.eval.judge, partner) if partner is not None else None
+    # A partner endpoint given without a partner section (tests, `--partner-url`) takes the evaluator's limits and
+    # the paper's sampling defaults.
+    section = config.eval.partner or PartnerConfig.model_validate(config.eval.judge.model_dump())
+    partner_client = _partner_from(section, partner) if partner is not None else None
     try:
         async with JudgeClient(config.eval.judge, base_url=judge.base_url, model=judge.model) as client:
             runner = EpisodeRunner(

@@ -15,7 +15,9 @@ Every chat request gets one **outcome**, named after the failure kind the judge 
 * ``connection``: the connection is dropped without a response;
 * ``bad_response``: HTTP 200 whose JSON body is cut off;
 * ``unparseable``: a chat completion whose content is prose or truncated JSON;
-* ``out_of_range``: valid JSON whose scores lie outside their ranges.
+* ``out_of_range``: valid JSON whose scores lie outside their ranges;
+* ``truncated``: the valid answer, but marked as cut by the completion budget (``finish_reason: "length"``), so a
+  client must not score it even though it parses.
 
 Outcomes are deterministic given ``seed``, whatever the arrival order of concurrent requests: the n-th request
 carrying a given prompt is a fault when ``h(seed, prompt, n, "rate") < fault_rate``, and the fault kind is drawn
@@ -54,6 +56,7 @@ OUTCOMES: tuple[str, ...] = (
     "bad_response",
     "unparseable",
     "out_of_range",
+    "truncated",
 )
 DEFAULT_MIX: Mapping[str, float] = {
     "timeout": 1.0,
@@ -140,7 +143,8 @@ class FaultConfig:
 @dataclass(frozen=True)
 class Injection:
     """One handled request: the prompt's digest, which occurrence of that prompt it was, the outcome, when
-    (monotonic seconds) it arrived, and the request's temperature and whether it asked for structured output."""
+    (monotonic seconds) it arrived, and the request's temperature, whether it asked for structured output, and its
+    top_p."""
 
     prompt_key: str
     occurrence: int
@@ -148,6 +152,7 @@ class Injection:
     arrived: float
     temperature: float | None
     structured: bool
+    top_p: float | None = None
 
 
 def prompt_key(prompt: str) -> str:
@@ -330,7 +335,7 @@ class FaultServer:
         structured = "structured_outputs" in body or "response_format" in body
         with self._lock:
             self._counts[outcome] += 1
-            self._log.append(Injection(key, occurrence, outcome, arrived, body.get("temperature"), structured))
+            self._log.append(Injection(key, occurrence, outcome, arrived, body.get("temperature"), structured, body.get("top_p")))
             self._active += 1
             self._max_active = max(self._max_active, self._active)
         try:
@@ -368,9 +373,9 @@ class FaultServer:
             return self._completion(unparseable_answer(prompt), body)
         if outcome == "out_of_range":
             return self._completion(out_of_range_answer(prompt), body)
-        return self._completion(cfg.answer(prompt), body)
+        return self._completion(cfg.answer(prompt), body, cut=outcome == "truncated")
 
-    def _completion(self, text: str, body: dict[str, Any]) -> web.Response:
+    def _completion(self, text: str, body: dict[str, Any], *, cut: bool = False) -> web.Response:
         prompt_tokens = sum(len(str(m.get("content", ""))) for m in body.get("messages") or []) // 4
         completion_tokens = len(text) // 4
         return web.json_response(
@@ -380,7 +385,7 @@ class FaultServer:
                 "created": int(time.time()),
                 "model": body.get("model", self.config.model),
                 "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length" if cut else "stop"}
                 ],
                 "usage": {
                     "prompt_tokens": prompt_tokens,

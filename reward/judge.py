@@ -77,11 +77,13 @@ ErrorKind = Literal[
     "auth",
     "unparseable",
     "out_of_range",
+    "truncated",
 ]
 TRANSIENT_KINDS: frozenset[str] = frozenset({"timeout", "rate_limited", "server_error", "connection", "bad_response"})
 """Failures of an HTTP attempt that are retried with backoff."""
-ANSWER_KINDS: frozenset[str] = frozenset({"unparseable", "out_of_range"})
-"""Failures of a received answer that start a new parse round."""
+ANSWER_KINDS: frozenset[str] = frozenset({"unparseable", "out_of_range", "truncated"})
+"""Failures of a received answer that start a new parse round. `truncated`: the answer hit `max_tokens` and was cut,
+so it is never parsed (a larger budget is the fix)."""
 
 NO_KEY_PLACEHOLDER = "EMPTY"
 CHARS_PER_TOKEN = 4
@@ -297,16 +299,18 @@ def classify_error(exc: BaseException) -> tuple[ErrorKind, float | None]:
     return "bad_response", None
 
 
-def completion_text(data: object) -> str:
-    """The first choice's message content of a chat-completion JSON body ("" when the content is null).
-    Raises ValueError when the body does not have the shape of a chat completion."""
+def completion_text(data: object) -> tuple[str, bool]:
+    """The first choice's message content of a chat-completion JSON body ("" when the content is null), and whether
+    the answer was cut by the completion budget (``finish_reason == "length"``). Raises ValueError when the body
+    does not have the shape of a chat completion."""
     try:
-        content = data["choices"][0]["message"]["content"]  # type: ignore[index]
+        choice = data["choices"][0]  # type: ignore[index]
+        content = choice["message"]["content"]
     except (TypeError, KeyError, IndexError):
         raise ValueError(f"the response is not a chat completion: {str(data)[:200]!r}") from None
     if content is not None and not isinstance(content, str):
         raise ValueError(f"the message content is not text: {type(content).__name__}")
-    return content or ""
+    return content or "", choice.get("finish_reason") == "length"
 
 
 class JudgeClient:
@@ -394,6 +398,9 @@ class JudgeClient:
                 self._note_retry(kind)
             result = await self._call(prompt, self._temperature(round_index), schema)
             calls += result.calls
+            if result.failure == "truncated":
+                kind, detail, text = "truncated", result.detail or "", result.text
+                continue
             if result.failure is not None:
                 return self._fail(result.failure, result.detail, calls, round_index + 1, text)
             text = result.text
@@ -468,6 +475,8 @@ class JudgeClient:
             text, kind, detail, retry_after = await self._attempt(body, tokens)
             if kind is None:
                 return ChatResult(text=text, calls=calls)
+            if kind == "truncated":  # an answer arrived, but cut: the caller decides (a new round, or exclusion)
+                return ChatResult(text=text, failure=kind, detail=detail, calls=calls)
             if kind not in TRANSIENT_KINDS or attempt == self.config.max_retries:
                 return ChatResult(text=None, failure=kind, detail=detail, calls=calls)
             self._note_retry(kind)
@@ -501,7 +510,10 @@ class JudgeClient:
                 request = self._client.post(
                     "/chat/completions", cast_to=object, body=body, options={"timeout": self.config.timeout_s}
                 )
-                text = completion_text(await asyncio.wait_for(request, timeout=self.config.timeout_s))
+                text, cut = completion_text(await asyncio.wait_for(request, timeout=self.config.timeout_s))
+                if cut:
+                    kind = "truncated"
+                    detail = f"the answer reached max_tokens={self.config.max_tokens} and was cut"
             except (openai.OpenAIError, asyncio.TimeoutError, ValueError) as exc:
                 kind, retry_after = classify_error(exc)
                 detail = f"{type(exc).__name__}: {exc}"[:500]

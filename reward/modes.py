@@ -280,19 +280,19 @@ def extract_utterance(text: str) -> str:
     3. Otherwise, ``"\\n\\nResponse:\\n"`` present: the text after its last occurrence.
     4. Otherwise: the last line (the text after the last ``"\\n"``; empty when the text ends with a newline).
 
-    The result is ``'"' + text.strip('"') + '"'``. Following the spec literally, only branch 1 strips whitespace, so in
-    branches 2-4 whitespace around the quotes (and anything after the draft, such as ``<|end_of_thinking|>``)
-    stays inside the utterance, and quotes shielded by whitespace are not removed.
+    Whatever the branch, the text is stripped of whitespace and then normalised to ``'"' + text.strip('"') + '"'``
+    (the paper's evaluation strips every branch, so a draft like ``\n"Sure."\n`` becomes ``"Sure."``, not
+    ``"\n"Sure."\n"``). Anything after the draft, such as ``<|end_of_thinking|>``, stays inside the utterance.
     """
     if BEGIN_ANSWER in text and END_ANSWER in text:
-        found = text.rsplit(BEGIN_ANSWER, 1)[-1].split(END_ANSWER, 1)[0].strip()
+        found = text.rsplit(BEGIN_ANSWER, 1)[-1].split(END_ANSWER, 1)[0]
     elif BEGIN_ANSWER in text:
         found = text.split(BEGIN_ANSWER, 1)[0].rsplit(_RESPONSE_MARK, 1)[-1]
     elif _RESPONSE_MARK in text:
         found = text.rsplit(_RESPONSE_MARK, 1)[-1]
     else:
         found = text.rsplit("\n", 1)[-1]
-    return quote(found)
+    return quote(found.strip())
 
 
 def extract_partner_utterance(text: str) -> str:

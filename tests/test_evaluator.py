@@ -118,6 +118,14 @@ def test_failed_reformat_excludes_the_episode():
 
 
 @pytest.mark.timeout(30)
+def test_an_evaluation_cut_by_max_tokens_excludes_the_episode():
+    # A cut answer is not reformatted (the reformat could only invent the missing scores): excluded and counted.
+    with FaultServer(FaultConfig(script=["truncated"])) as server:
+        result = _evaluate(server)
+    assert result.excluded and result.reason == "truncated" and result.agent1 is None and result.calls == 1
+
+
+@pytest.mark.timeout(30)
 def test_unreachable_judge_excludes_with_the_transport_reason():
     with FaultServer(FaultConfig(script=["server_error"] * 5)) as server:
         result = _evaluate(server, max_retries=1)

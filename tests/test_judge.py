@@ -222,6 +222,23 @@ def test_unparseable_after_all_rounds_is_a_failure_not_a_score():
 
 
 @pytest.mark.timeout(30)
+def test_an_answer_cut_by_max_tokens_is_never_scored_even_when_it_parses():
+    # The injected answers are the valid ones, only marked finish_reason "length": the flag alone must count.
+    with FaultServer(FaultConfig(script=["truncated", "ok"])) as server, FaultServer(FaultConfig(script=["truncated"] * 5)) as cut:
+
+        async def run(url: str, rounds: int):
+            async with JudgeClient(judge_config(url, parse_rounds=rounds)) as client:
+                return await client.goal_scores("p"), client.stats()
+
+        recovered, stats = asyncio.run(run(server.base_url, 3))
+        failed, cut_stats = asyncio.run(run(cut.base_url, 2))
+    assert recovered.ok and recovered.rounds == 2 and stats.errors == {"truncated": 1} and stats.retries == 1
+    assert failed.failure == "truncated" and failed.value is None and failed.rounds == 2
+    assert "max_tokens" in (failed.detail or "") and failed.text  # the cut text is kept for the logs
+    assert cut_stats.failures == {"truncated": 1} and cut_stats.errors == {"truncated": 2}
+
+
+@pytest.mark.timeout(30)
 def test_transport_errors_are_retried_then_reported():
     script = ["server_error", "connection", "bad_response", "ok"]
     with FaultServer(FaultConfig(script=script)) as server:

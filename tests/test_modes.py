@@ -359,17 +359,19 @@ def test_format_response_errors(mode: int, sections: dict[str, str] | None, answ
         # 2. only the begin tag: text before it, after the last "\n\nResponse:\n"
         ("Intent:\nx\n\nResponse:\nold\n\nResponse:\nDraft reply<|begin_of_answer|>\n\"Final", '"Draft reply"'),
         ("Just thinking<|begin_of_answer|>\n", '"Just thinking"'),
-        ("\n\nResponse:\nDraft\n<|end_of_thinking|>\n<|begin_of_answer|>\n", '"Draft\n<|end_of_thinking|>\n"'),
+        ("\n\nResponse:\nDraft\n<|end_of_thinking|>\n<|begin_of_answer|>\n", '"Draft\n<|end_of_thinking|>"'),
+        ('Intent:\nx\n\nResponse:\n  "Sure."  \n<|begin_of_answer|>', '"Sure."'),
         # 3. no answer tags but a response section: text after its last occurrence
         ("Intent:\nx\n\nResponse:\n\"Draft reply\"", '"Draft reply"'),
+        ('Intent:\nx\n\nResponse:\n"Draft reply"\n\n', '"Draft reply"'),
         ("Intent:\nx\n\nResponse:\nA\n\nResponse:\nB", '"B"'),
         ("x\n\nResponse:\nHi<|end_of_answer|>", '"Hi<|end_of_answer|>"'),
         # 4. otherwise the last line
         ("first line\nsecond line", '"second line"'),
         ('"Only line"', '"Only line"'),
         ("ends with newline\n", '""'),
-        # only whitespace-free quotes are removed outside branch 1
-        ('line\n "spaced" ', '" "spaced" "'),
+        # every branch strips whitespace first, so quotes shielded by spaces are removed too
+        ('line\n "spaced" ', '"spaced"'),
     ],
 )
 def test_extract_utterance(text: str, expected: str) -> None:

@@ -269,10 +269,17 @@ async def test_eval_self_play_judged_and_resumed(fault_server, tmp_path):
 
 
 async def test_eval_against_a_partner_plays_both_sides(fault_server, tmp_path):
-    config = pipeline_config(fault_server.base_url, "eval.max_turns=2")
+    # The partner section starts from a dotted override (it is null by default) and sets its sampling.
+    config = pipeline_config(fault_server.base_url, "eval.max_turns=2", f"eval.partner.base_url={fault_server.base_url}",
+                             "eval.partner.model=fault-judge", "eval.partner.temperature=0.7", "eval.partner.top_p=0.9")
     server = Endpoint(fault_server.base_url, "fault-judge")
+    seen = len(fault_server.log)
     result = await evaluate_async(config, policy=ScriptedPolicy(), judge=server, partner=server,
                                   out_path=tmp_path / "vs.jsonl", max_episodes=2, progress=False)
+    requests = fault_server.log[seen:]
+    partner_turns = [r for r in requests if not r.structured]  # the evaluator's requests carry the schema
+    assert len(partner_turns) == 4 and all(r.temperature == 0.7 and r.top_p == 0.9 for r in partner_turns)
+    assert all(r.temperature == 0.0 for r in requests if r.structured)
     records = [json.loads(line) for line in (tmp_path / "vs.jsonl").read_text().splitlines()]
     assert sorted((r["env_id"], r["actor_role"]) for r in records) == [(0, "agent1"), (0, "agent2"), (1, "agent1"), (1, "agent2")]
     assert all(r["run_mode"] == "vs_partner" for r in records)
