@@ -15,7 +15,7 @@ Both become `RLState`. Every validation error names the file, the row and the fi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,33 @@ class RLState(BaseModel):
 
     def messages(self, system_prompt: str) -> list[dict[str, str]]:
         return [{"role": "system", "content": system_prompt}, {"role": "user", "content": self.instruction}]
+
+
+def chat_token_counter(model_path: str | Path) -> Callable[[list[dict[str, str]]], int]:
+    """The length of a chat once templated by the policy's tokenizer (with the generation prompt), as the engine
+    will see it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def count(messages: list[dict[str, str]]) -> int:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return len(ids)
+
+    return count
+
+
+def fit_states(
+    states: Sequence[RLState],
+    count_tokens: Callable[[list[dict[str, str]]], int],
+    max_prompt_tokens: int,
+    default_system_prompt: str,
+) -> tuple[list[RLState], int]:
+    """The states whose templated prompt (system prompt, or ``default_system_prompt`` when the state has none, plus
+    the turn prompt) is at most ``max_prompt_tokens`` long, in order, and how many were dropped. The authors' data
+    loader drops longer rows the same way (its prompt limit is 6144 tokens), rather than cutting a prompt."""
+    kept = [s for s in states if count_tokens(s.messages(s.system_prompt or default_system_prompt)) <= max_prompt_tokens]
+    return kept, len(states) - len(kept)
 
 
 class StateDataError(ValueError):

@@ -46,7 +46,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.records import GroupRequest, SamplingSpec, ScoredGroup, scored_groups_to_table
-from actors.states import RLState
+from actors.states import RLState, chat_token_counter, fit_states
 from cluster.config import Config, dump_config
 from learner.checkpoint import resolve_resume
 from learner.group import LearnerGroup
@@ -277,6 +277,8 @@ class TrainingDriver:
         """True while the training loop runs: only then may groups be issued (a push can land after it ended)."""
         self._pending: dict[str, int] = {}
         self._rollout_buffer: list[ScoredGroup] = []
+        self.states_dropped = 0
+        """States left out because their templated prompt is longer than `rollout.max_prompt_tokens`."""
         self.metrics = DriverMetrics()
 
     # ----------------------------------------------------------------------------------------------- roles
@@ -362,11 +364,24 @@ class TrainingDriver:
         """Train to `algorithm.total_steps` (resuming if a checkpoint says so); returns the summary."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        self._fit_states()
         self.start_roles()
         try:
             return asyncio.run(self._run())
         finally:
             self.shutdown_roles()
+
+    def _fit_states(self) -> None:
+        """Drop the states whose templated prompt exceeds `rollout.max_prompt_tokens`, as the authors' loader does,
+        and say how many (the same data and tokenizer give the same list, so a resumed run's cursor still fits)."""
+        limit = self.config.rollout.max_prompt_tokens
+        total = len(self.states)
+        self.states, self.states_dropped = fit_states(self.states, chat_token_counter(self.policy_path), limit, SYSTEM_PROMPT)
+        if self.states_dropped:
+            log.warning("dropped %d of %d RL states whose templated prompt is longer than rollout.max_prompt_tokens=%d",
+                        self.states_dropped, total, limit)
+        if not self.states:
+            raise ValueError(f"no RL state fits in rollout.max_prompt_tokens={limit} (all {total} are longer)")
 
     async def _run(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -403,6 +418,7 @@ class TrainingDriver:
             "policy_version": self.version,
             "wall_seconds": round(time.monotonic() - started, 1),
             "groups": self.counts.as_dict(),
+            "states": {"used": len(self.states), "dropped_too_long": self.states_dropped},
             "queue": await self.queue.stats.remote(),
             "interrupted": self._stop.is_set(),
         }

@@ -65,7 +65,16 @@ from actors.precision import resolve_dtype
 from actors.jsonrows import read_json_rows
 from actors.records import GroupRequest, SamplingSpec
 from actors.sotopia import ScenarioDataError, SotopiaDataset
-from actors.states import RLState, StateDataError, StateScores, check_states, make_state, read_states, write_states
+from actors.states import (
+    RLState,
+    StateDataError,
+    StateScores,
+    chat_token_counter,
+    check_states,
+    make_state,
+    read_states,
+    write_states,
+)
 from cluster.config import Config, ConfigError, PartnerConfig
 from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Generation, Message, OpenAIPartner, Policy
 from learner.bc import BCDataError, BCRecord, load_bc_records, parse_bc_record
@@ -222,19 +231,6 @@ async def local_policy(rollout: RolloutConfig, model_path: str | Path, *, seed: 
         yield RolloutPolicy.from_config([actor], config)
     finally:
         await actor.shutdown()
-
-
-def chat_token_counter(model_path: str | Path) -> Any:
-    """A `TokenCounter` for the episode runner: the chat's length once templated by the policy's tokenizer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-
-    def count(messages: list[Message]) -> int:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return len(ids)
-
-    return count
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

@@ -141,3 +141,39 @@ def read_states_from(records):
         path = Path(d) / "s.json"
         path.write_text(json.dumps(records))
         return read_states(path)
+
+
+def _states_with_instructions(*instructions: str, system: str | None = None):
+    from actors.sotopia import SotopiaDataset
+    from actors.states import make_state
+
+    dataset = SotopiaDataset.load()
+    return [make_state(dataset, 0, [], (5.0, 5.0)).model_copy(update={"instruction": text, "system_prompt": system})
+            for text in instructions]
+
+
+def test_states_whose_templated_prompt_is_too_long_are_dropped_and_counted():
+    from actors.states import fit_states
+
+    def characters(messages):  # a counter whose lengths are easy to check by hand
+        return sum(len(m["content"]) for m in messages)
+
+    states = _states_with_instructions("a" * 10, "b" * 30, "c" * 21)
+    kept, dropped = fit_states(states, characters, max_prompt_tokens=25, default_system_prompt="sys")
+    # 3 + 10 = 13 and 3 + 21 = 24 fit; 3 + 30 = 33 does not; the order is kept.
+    assert [s.instruction[0] for s in kept] == ["a", "c"] and dropped == 1
+    # A state's own system prompt counts instead of the default.
+    own = _states_with_instructions("a" * 10, system="x" * 20)
+    assert fit_states(own, characters, max_prompt_tokens=25, default_system_prompt="sys") == ([], 1)
+
+
+def test_the_token_counter_is_the_policy_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from actors.states import chat_token_counter
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Turn 0: speak."}]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected = len(tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                             add_special_tokens=False)["input_ids"])
+    assert chat_token_counter(tiny_model_dir)(messages) == expected
