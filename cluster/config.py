@@ -150,8 +150,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+    """``raw`` (a file's sections plus overrides) merged onto every default, then validated. The merge keeps the
+    defaults of a nested section that ``raw`` only partly sets: `eval.judge.model=foo` must leave the evaluator's
+    own default `max_tokens: 4096`, not the judge section's general 1024."""
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.create(Config().model_dump(mode="json"))
+    merged = OmegaConf.to_container(OmegaConf.merge(defaults, OmegaConf.create(raw)))
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
 

@@ -193,3 +193,35 @@ def test_pinning_reaches_every_thread_of_the_process():
         release.set()
         thread.join()
     assert os.sched_getaffinity(0) == original
+
+
+def _sections(model, prefix=()):
+    """Every section (nested model) path with the first of its plain fields."""
+    leaves = [name for name, value in model if not hasattr(value, "model_fields")]
+    if prefix and leaves:
+        yield prefix, leaves[0]
+    for name, value in model:
+        if hasattr(value, "model_fields"):
+            yield from _sections(value, prefix + (name,))
+
+
+@pytest.mark.parametrize("path", [None, *CONFIGS], ids=lambda p: p.name if p else "defaults")
+def test_overriding_one_field_never_changes_another(path):
+    extra = [f"data.scenarios={SOTOPIA_LAYOUT}"] if path in PAPER_CONFIGS else []
+    base = load_config(path, extra)
+    sections = list(_sections(base))
+    assert ("eval", "judge") in [s for s, _ in sections] and len(sections) >= 10
+    for section, leaf in sections:
+        node = base
+        for part in section:
+            node = getattr(node, part)
+        value = yaml.safe_dump(node.model_dump(mode="json")[leaf], default_flow_style=True).strip().removesuffix("...").strip()
+        key = ".".join((*section, leaf))
+        again = load_config(path, [*extra, f"{key}={value}"])
+        # Setting a field to the value it already has must leave every field, nested defaults included, as it was.
+        assert again.model_dump() == base.model_dump(), key
+
+
+def test_an_evaluator_override_keeps_the_evaluators_own_defaults():
+    assert load_config(None, ["eval.judge.model=foo"]).eval.judge.max_tokens == 4096
+    assert load_config(None, ["reward.judge.model=foo"]).reward.judge.max_tokens == 1024
