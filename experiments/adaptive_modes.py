@@ -282,6 +282,43 @@ def tests_table(results: list[Comparison]) -> str:
     return "\n".join(lines)
 
 
+def advantage_table(runs: dict[tuple[str, str, int], Any]) -> str:
+    """Markdown: the mean advantage each mode received, per design, estimator and context, over the whole run (the
+    sample-weighted mean of the per-version means, then the mean over seeds). It shows which way the updates pushed
+    each mode in each kind of context, and how hard."""
+    lines = ["| design | estimator | context | level 1 | level 2 | level 3 | level 4 | seeds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for design, kinds in DESIGNS.items():
+        for estimator in ESTIMATORS:
+            chosen = [run for (d, e, _), run in sorted(runs.items()) if d == design and e == estimator]
+            for kind in kinds if chosen else ():
+                cells = []
+                for mode in MODES:
+                    per_seed = []
+                    for run in chosen:
+                        entries = run["by_kind"][kind]
+                        weight = [e[f"mode{mode}"] * e["samples"] for e in entries]
+                        per_seed.append(sum(w * e[f"adv{mode}"] for w, e in zip(weight, entries, strict=True)) / max(sum(weight), 1e-12))
+                    cells.append(f"{np.mean(per_seed):+.3f}")
+                lines.append(f"| {design} | {estimator} | {kind} | " + " | ".join(cells) + f" | {len(chosen)} |")
+    return "\n".join(lines)
+
+
+def transfer_test(runs: dict[tuple[str, str, int], Any], size: int) -> list[Comparison]:
+    """Exploratory, not pre-registered (the diagnosis): do hard contexts pull the easy ones along? AMPO's easy-context
+    level-1 share and mean level in the last window, tie design (no hard contexts) against mixed design."""
+    designs = {d for d, _, _ in runs}
+    if not {"tie", "mixed"} <= designs:
+        return []
+    return [
+        Comparison("transfer", "AMPO easy contexts, level-1 share, last window: tie design > mixed design", "tie",
+                   final_values(runs, "tie", "ampo", "easy", "mode1", size), "mixed",
+                   final_values(runs, "mixed", "ampo", "easy", "mode1", size), "greater"),
+        Comparison("transfer", "AMPO easy contexts, mean level, last window: tie design < mixed design", "tie",
+                   final_values(runs, "tie", "ampo", "easy", "level", size), "mixed",
+                   final_values(runs, "mixed", "ampo", "easy", "level", size), "less"),
+    ]
+
+
 def windows_table(runs: dict[tuple[str, str, int], Any], size: int) -> str:
     """Markdown: per design, estimator and kind, the seed-mean of the first and last window."""
     lines = ["| design | estimator | context | window | level 1 | level 2 | level 3 | level 4 | mean level | format errors | groups with a mode term | response tokens | reward (well-formed) | seeds |",
@@ -374,10 +411,15 @@ def analyse(out: Path, docs: Path, size: int) -> str:
     runs = load_runs(out)
     results = hypothesis_tests(runs, size)
     figures = plots(runs, docs)
+    exploratory = transfer_test(runs, size)
     report = "\n\n".join([
         f"Runs: {len(runs)} ({', '.join(sorted({f'{d}/{e}' for d, e, _ in runs}))}); windows of {size} policy versions.",
         windows_table(runs, size),
+        "Pre-registered tests:",
         tests_table(results),
+        "Mean advantage per mode over the whole run:",
+        advantage_table(runs),
+        *(["Exploratory (the diagnosis, not pre-registered):", tests_table(exploratory)] if exploratory else []),
         "Plots: " + ", ".join(str(p) for p in figures),
     ])
     (out / "report.md").write_text(report + "\n")

@@ -63,7 +63,7 @@ def test_summary_buckets_by_kind_and_version_and_counts_mode_term_groups(tmp_pat
 
 
 def entry(version: int, shares: tuple[float, float, float, float], samples: int = 16, **extra: float) -> dict[str, float]:
-    base = dict(zip(WINDOW_KEYS, (0.0,) * len(WINDOW_KEYS), strict=True))
+    base = dict.fromkeys((*WINDOW_KEYS, "adv1", "adv2", "adv3", "adv4"), 0.0)
     return base | {f"mode{m}": s for m, s in zip((1, 2, 3, 4), shares, strict=True)} | {"version": version, "samples": samples} | extra
 
 
@@ -98,3 +98,17 @@ def test_the_pre_registered_tests_read_the_right_runs() -> None:
     rises = next(t for t in hypothesis_tests(runs, size=2) if t.claim.startswith("AMPO's level-1 share rises"))
     assert rises.a == pytest.approx((0.36, 0.37, 0.38)) and rises.b is None
     assert all(t.hypothesis == "H1" for t in hypothesis_tests(runs, size=2))  # no mixed runs: no H2/H3 tests
+
+
+def test_advantage_table_weighs_versions_by_each_modes_samples_and_the_transfer_test_pairs_designs() -> None:
+    from experiments.adaptive_modes import advantage_table, transfer_test
+
+    # Level 1: 0.5 of 16 samples at +1.0, then 0.25 of 48 at −0.2: (8 · 1.0 + 12 · −0.2) / 20 = 0.28.
+    entries = [entry(0, (0.5, 0.5, 0, 0), adv1=1.0, adv2=0.5), entry(1, (0.25, 0.75, 0, 0), samples=48, adv1=-0.2, adv2=0.5)]
+    runs = {("tie", "ampo", 1): {"by_kind": {"easy": entries}}}
+    rows = advantage_table(runs).splitlines()
+    assert rows[2] == "| tie | ampo | easy | +0.280 | +0.500 | +0.000 | +0.000 | 1 |" and len(rows) == 3
+    assert transfer_test(runs, size=1) == []  # needs both designs
+    runs |= {("mixed", "ampo", 1): {"by_kind": {"easy": [entry(0, (0.1, 0.9, 0, 0))], "hard": [entry(0, (0, 0, 0, 1.0))]}}}
+    level1, _ = transfer_test(runs, size=1)
+    assert level1.a == pytest.approx((0.25,)) and level1.b == pytest.approx((0.1,))
