@@ -169,10 +169,8 @@ class DriverMetrics:
             tags = {"mode": str(mode)}
             self.mode_fraction.set(metrics[f"mode_fraction/{mode}"], tags=tags)
             self.mode_tokens.set(metrics.get(f"mode_tokens/{mode}") or 0.0, tags=tags)
-            for stat, gauge in (("mean", self.advantage_mean), ("std", self.advantage_std)):
-                value = metrics.get(f"adv_{stat}/{mode}")
-                if value is not None:
-                    gauge.set(value, tags=tags)
+            self.advantage_mean.set(metrics[f"adv_mean/{mode}"], tags=tags)
+            self.advantage_std.set(metrics[f"adv_std/{mode}"], tags=tags)
 
 
 def batch_statistics(groups: Sequence[ScoredGroup], version: int) -> dict[str, float]:

@@ -112,11 +112,11 @@ def build_train_samples(
     metrics["adv_mean"] = float(adv.mean()) if adv.size else 0.0
     metrics["adv_std"] = float(adv.std()) if adv.size else 0.0
     for mode in (*MODES, -1):
-        tag = f"mode{mode}" if mode > 0 else "invalid"
+        tag = str(mode) if mode > 0 else "invalid"
         chosen = advantages[scored & (modes == mode)]
-        metrics[f"count_{tag}"] = float(chosen.size)
-        metrics[f"adv_mean_{tag}"] = float(chosen.mean()) if chosen.size else 0.0
-        metrics[f"adv_std_{tag}"] = float(chosen.std()) if chosen.size else 0.0
+        metrics[f"adv_count/{tag}"] = float(chosen.size)
+        metrics[f"adv_mean/{tag}"] = float(chosen.mean()) if chosen.size else 0.0
+        metrics[f"adv_std/{tag}"] = float(chosen.std()) if chosen.size else 0.0
     return samples, BatchInfo(metrics)
 
 

@@ -28,7 +28,7 @@ def test_advantages_follow_spec_and_stale_flags() -> None:
     # Lengths differ from the spec example but rewards decide: the mode term uses the reward branch.
     assert [round(s.advantage, 3) for s in samples] == SPEC_FINAL
     assert all(s.stale and s.trainable for s in samples)
-    assert info.metrics["count_mode1"] == 2 and info.metrics["adv_mean_mode4"] == pytest.approx((2.927 + 1.507) / 2, abs=1e-3)
+    assert info.metrics["adv_count/1"] == 2 and info.metrics["adv_mean/4"] == pytest.approx((2.927 + 1.507) / 2, abs=1e-3)
     # A second group with a format error gets no mode term: half of the batch's groups have one.
     with_error = make_group("b", [-2.0, *SPEC_REWARDS[1:]], modes=[None, *SPEC_MODES[1:]])
     assert build_train_samples([group, with_error], 3, AlgorithmConfig())[1].metrics["mode_term_group_ratio"] == 0.5
@@ -57,7 +57,7 @@ def test_format_errors_count_with_mode_minus_one() -> None:
     samples, info = build_train_samples([group], 0, AlgorithmConfig())
     assert all(s.trainable for s in samples)
     assert samples[0].advantage < 0 < samples[2].advantage
-    assert info.metrics["count_invalid"] == 1
+    assert info.metrics["adv_count/invalid"] == 1
 
 
 def test_split_by_tokens_balances_and_covers_everything() -> None:

@@ -41,7 +41,7 @@ def level1_shares(estimator: str, bc_dir: Path, run_dir: Path, tiny_config_path:
     config = load_config(tiny_config_path, overrides(run_dir, bc_dir, estimator, seed=1, steps=STEPS, lr=LR))
     summary = TrainingDriver(config, states(("easy",)), bc_dir, on_step=records.append).run()
     assert summary["steps"] == STEPS
-    return np.array([r["count_mode1"] / r["samples"] for r in records])
+    return np.array([r["mode_fraction/1"] for r in records])
 
 
 def test_ampo_mode_term_shortens_modes_where_grpo_has_no_signal(ray_local, tiny_config_path: Path, tmp_path: Path) -> None:
