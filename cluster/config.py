@@ -10,6 +10,7 @@ expected type.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +52,9 @@ class ClusterConfig(BaseModel):
     learner_resources: dict[str, float] = {}
     """Extra Ray resources in each learner bundle (e.g. {"learner_node": 1})."""
     run_dir: Path = Path("runs/default")
-    """Run directory: resolved config, rollouts (Parquet), metrics (JSONL), checkpoints, reports."""
+    """Run directory: resolved config, rollouts (Parquet), metrics (JSONL), checkpoints, reports. `{section.field}`
+    placeholders are filled from the config, e.g. `runs/llama-{algorithm.estimator}-seed{cluster.seed}` gives a
+    GRPO baseline or another seed its own folder."""
     seed: int = 1
     """Global seed (torch, numpy, python)."""
 
@@ -131,6 +134,35 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the field."""
 
 
+EXPERIMENT_FIELDS: tuple[str, ...] = (
+    "algorithm.estimator", "algorithm.groups_per_step", "algorithm.max_staleness", "algorithm.clip_ratio",
+    "algorithm.kl_coef", "algorithm.kl_clamp", "algorithm.entropy_coef", "algorithm.tis_cap", "algorithm.adv_eps",
+    "algorithm.tie_tolerance",
+    "learner.lr", "learner.betas", "learner.weight_decay", "learner.warmup_steps", "learner.grad_clip",
+    "rollout.model", "rollout.n", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_response_tokens",
+    "rollout.max_prompt_tokens", "rollout.seed",
+    "reward.judge.model", "reward.length_target", "reward.length_scale", "reward.judge_failure_as_zero",
+    "reward.custom_reward",
+    "data.train_states", "data.shuffle", "data.seed", "cluster.seed",
+)
+"""The fields that define an experiment: a checkpoint resumes only into a config that agrees on all of them.
+Everything else (placement, sizes of pools, timeouts, logging, `algorithm.total_steps`) may change on resume."""
+
+
+def experiment_differences(saved: dict[str, Any], current: Config) -> list[str]:
+    """``field: saved -> current`` for each experiment field on which a checkpoint's config (its YAML, as a mapping)
+    and ``current`` differ; a field the saved config lacks counts as its default."""
+    from omegaconf import OmegaConf
+
+    before = OmegaConf.merge(OmegaConf.create(Config().model_dump(mode="json")), OmegaConf.create(saved))
+    now = OmegaConf.create(current.model_dump(mode="json"))
+    return [
+        f"{key}: {OmegaConf.select(before, key)!r} -> {OmegaConf.select(now, key)!r}"
+        for key in EXPERIMENT_FIELDS
+        if OmegaConf.select(before, key) != OmegaConf.select(now, key)
+    ]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load `path` (YAML; None: all defaults), apply `key.sub=value` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -158,9 +190,28 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
     defaults = OmegaConf.create(Config().model_dump(mode="json"))
     merged = OmegaConf.to_container(OmegaConf.merge(defaults, OmegaConf.create(raw)))
     try:
-        return Config.model_validate(merged)
+        config = Config.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+    config.cluster.run_dir = _fill_placeholders(str(config.cluster.run_dir), config, source)
+    return config
+
+
+_PLACEHOLDER = re.compile(r"\{([a-z_]+(?:\.[a-z_]+)+)\}")
+
+
+def _fill_placeholders(text: str, config: Config, source: str) -> Path:
+    """`{section.field}` in a path replaced by that field's value."""
+
+    def value(match: re.Match[str]) -> str:
+        node: Any = config
+        for part in match.group(1).split("."):
+            if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+                raise ConfigError(f"{source}: cluster.run_dir names an unknown field {{{match.group(1)}}}")
+            node = getattr(node, part)
+        return str(node)
+
+    return Path(_PLACEHOLDER.sub(value, text))
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -43,12 +43,13 @@ from typing import Any
 
 import numpy as np
 import ray
+import yaml
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.records import GroupRequest, SamplingSpec, ScoredGroup, scored_groups_to_table
 from actors.states import RLState, chat_token_counter, fit_states
-from cluster.config import Config, dump_config
-from learner.checkpoint import resolve_resume
+from cluster.config import Config, ConfigError, dump_config, experiment_differences
+from learner.checkpoint import read_checkpoint, resolve_resume
 from learner.group import LearnerGroup
 from learner.publish import PushReport
 from learner.queue import create_replay_queue
@@ -276,6 +277,7 @@ class TrainingDriver:
         self._pending: dict[str, int] = {}
         self._rollout_buffer: list[ScoredGroup] = []
         self.states_dropped = 0
+        self._resume_from: Path | None = None
         """States left out because their templated prompt is longer than `rollout.max_prompt_tokens`."""
         self.metrics = DriverMetrics()
 
@@ -361,8 +363,9 @@ class TrainingDriver:
     def run(self) -> dict[str, Any]:
         """Train to `algorithm.total_steps` (resuming if a checkpoint says so); returns the summary."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
         self._fit_states()
+        self._resume_from = self._checked_resume()
+        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
         self.start_roles()
         try:
             return asyncio.run(self._run())
@@ -608,8 +611,29 @@ class TrainingDriver:
         )
         log.info("%scheckpoint written: %s", "final " if final else "", path)
 
-    def _restore(self) -> DataCursor:
+    def _checked_resume(self) -> Path | None:
+        """The checkpoint to resume from, if any, once its config is known to describe the same experiment (before
+        any engine starts, so a mistake costs nothing)."""
         path = resolve_resume(self.config.learner.resume, self.run_dir)
+        if path is None:
+            return None
+        saved = read_checkpoint(path).config_yaml
+        if saved is None:
+            log.warning("checkpoint %s records no config, so it cannot be checked against this one", path)
+            return path
+        differences = experiment_differences(yaml.safe_load(saved) or {}, self.config)
+        if differences and not self.config.learner.resume_changed_config:
+            raise ConfigError(
+                f"{path} belongs to another experiment ({'; '.join(differences)}). Give this run its own "
+                "cluster.run_dir (placeholders such as {algorithm.estimator} and {cluster.seed} help), start over "
+                "with learner.resume=never, or continue it anyway with learner.resume_changed_config=true"
+            )
+        if differences:
+            log.warning("resuming %s with changed experiment settings: %s", path, "; ".join(differences))
+        return path
+
+    def _restore(self) -> DataCursor:
+        path = self._resume_from
         if path is None:
             return DataCursor(seed=self.config.data.seed)
         state = self.learner.resume(path)

@@ -44,7 +44,12 @@ class LearnerConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     """Most recent checkpoints kept on disk."""
     resume: Literal["auto", "never"] | Path = "auto"
-    """`auto` resumes from the latest checkpoint in the run directory, `never` starts fresh, or a path."""
+    """`auto` resumes from the latest checkpoint in the run directory, `never` starts fresh, or a path. A
+    checkpoint written with other experiment settings (estimator, learning rate, seeds, data, model, sampling,
+    reward; see `cluster.config.EXPERIMENT_FIELDS`) is refused, naming the fields that differ."""
+    resume_changed_config: bool = False
+    """Resume even when the experiment settings differ from the checkpoint's (a deliberate change; the differences
+    are logged)."""
 
 
 class AlgorithmConfig(BaseModel):

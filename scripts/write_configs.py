@@ -87,7 +87,7 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
         "Paper setting (spec §4.2): Llama-3.1-8B-Instruct after BC, 1 node × 8 GPUs, judge Qwen2.5-72B-Instruct.",
         [
             "cluster.address=auto",
-            "cluster.run_dir=runs/llama3.1-8b-ampo",
+            "cluster.run_dir=runs/llama3.1-8b-{algorithm.estimator}-seed{cluster.seed}",
             "cluster.rollout_gpus_per_actor=4",
             "cluster.learner_gpus_per_rank=1",
             "rollout.model=checkpoints/llama3.1-8b-bc",
@@ -111,7 +111,7 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
         "Paper setting (spec §4.2): Qwen2.5-7B-Instruct after BC, 1 node × 8 GPUs, judge Qwen2.5-72B-Instruct.",
         [
             "cluster.address=auto",
-            "cluster.run_dir=runs/qwen2.5-7b-ampo",
+            "cluster.run_dir=runs/qwen2.5-7b-{algorithm.estimator}-seed{cluster.seed}",
             "cluster.rollout_gpus_per_actor=4",
             "cluster.learner_gpus_per_rank=1",
             "rollout.model=checkpoints/qwen2.5-7b-bc",
@@ -147,6 +147,9 @@ def main() -> None:
         text = config_template(config)
         if paper:
             text = text.replace("scenarios: SOTOPIA_DIR", "scenarios: null", 1)
+        # The run folder is shown as written, placeholders and all, not as this load filled them in.
+        run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("cluster.run_dir="))
+        text = text.replace(f"run_dir: {config.cluster.run_dir}", f"run_dir: {run_dir}", 1)
         (ROOT / "configs" / name).write_text(header + text)
         print("wrote", name)
 
