@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -152,7 +153,9 @@ class DriverMetrics:
             "ampo_mode_term_group_ratio", "Share of the last step's groups that get AMPO's mode-level term."
         )
         self.groups = Counter("ampo_driver_groups_total", "Groups per pipeline stage.", tag_keys=("stage",))
-        self.eval_goal = Gauge("ampo_eval_goal", "Evaluation GOAL (0-10) of the trained agent.", tag_keys=("subset",))
+        self.eval_goal = Gauge(
+            "ampo_eval_goal", "Evaluation GOAL (0-10) by episode subset and side.", tag_keys=("subset", "side")
+        )
 
     def record_step(self, metrics: dict[str, float]) -> None:
         self.version.set(metrics["version"])
@@ -172,6 +175,20 @@ class DriverMetrics:
             self.mode_tokens.set(metrics.get(f"mode_tokens/{mode}") or 0.0, tags=tags)
             self.advantage_mean.set(metrics[f"adv_mean/{mode}"], tags=tags)
             self.advantage_std.set(metrics[f"adv_std/{mode}"], tags=tags)
+
+
+_EVAL_GOAL_KEY = re.compile(r"eval/(hard_)?goal_(actor|opponent|avg)")
+
+
+def eval_goal_series(results: dict[str, float]) -> list[tuple[float, dict[str, str]]]:
+    """The GOAL figures of an evaluation's results as gauge values: `subset` is `all` or `hard` (the periodic
+    hard-subset evaluations included), `side` is `actor`, `opponent` or `avg`."""
+    series = []
+    for key, value in results.items():
+        match = _EVAL_GOAL_KEY.fullmatch(key)
+        if match:
+            series.append((value, {"subset": "hard" if match.group(1) else "all", "side": match.group(2)}))
+    return series
 
 
 def batch_statistics(groups: Sequence[ScoredGroup], version: int) -> dict[str, float]:
@@ -572,9 +589,8 @@ class TrainingDriver:
 
     async def _evaluate(self) -> None:
         results = await self.evaluate(self, self.step)
-        for key, value in results.items():
-            if key.startswith("eval/goal"):
-                self.metrics.eval_goal.set(value, tags={"subset": key.removeprefix("eval/goal_")})
+        for value, tags in eval_goal_series(results):
+            self.metrics.eval_goal.set(value, tags=tags)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "version": self.version, **results}) + "\n")
 

@@ -37,3 +37,15 @@ def test_every_step_gauge_is_set_from_a_real_step_record() -> None:
     # The worked example of tests/test_ampo.py (n = 8): mode 4's two samples get advantages 2.927 and 1.507.
     assert gauges["advantage_mean"].values[(("mode", "4"),)] == pytest.approx((2.927 + 1.507) / 2, abs=1e-3)
     assert len(gauges["advantage_std"].values) == 4
+
+
+def test_evaluation_goal_series_name_their_subset_and_side() -> None:
+    from cluster.driver import eval_goal_series
+
+    # A periodic hard-only evaluation reports eval/hard_* alone; it must reach the gauge too.
+    results = {"eval/episodes": 2.0, "eval/goal_actor": 7.0, "eval/goal_avg": 6.5, "eval/hard_goal_opponent": 5.0,
+               "eval/overall_actor": 3.0}
+    assert sorted(eval_goal_series(results), key=lambda s: s[0]) == [
+        (5.0, {"subset": "hard", "side": "opponent"}), (6.5, {"subset": "all", "side": "avg"}),
+        (7.0, {"subset": "all", "side": "actor"}),
+    ]
