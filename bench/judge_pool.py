@@ -24,7 +24,7 @@ import ray  # noqa: E402
 
 from actors.records import Group, GroupRequest, Sample  # noqa: E402
 from reward.config import JudgeConfig, RewardConfig  # noqa: E402
-from reward.fault_server import FaultConfig, FaultServer  # noqa: E402
+from testing.fault_server import FaultConfig, FaultServer  # noqa: E402
 from reward.modes import format_response  # noqa: E402
 from reward.pool import RewardPool  # noqa: E402
 
@@ -67,7 +67,7 @@ def make_group(name: str) -> Group:
 
 
 def main() -> None:
-    from cluster.models import build_tiny_model
+    from testing.tiny_model import build_tiny_model
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 28)
     with tempfile.TemporaryDirectory() as tmp, FaultServer(FaultConfig(latency_s=LATENCY_S)) as server:

@@ -353,7 +353,7 @@ def main() -> None:
 
     from actors.sotopia import SotopiaDataset
     from actors.states import make_state
-    from cluster.models import build_tiny_model
+    from testing.tiny_model import build_tiny_model
     from cluster.ray_cluster import connect
     from reward.modes import format_response
 

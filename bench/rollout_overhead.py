@@ -65,7 +65,7 @@ def measure(tmp: Path) -> None:
     from actors.config import RolloutConfig
     from actors.records import GroupRequest, SamplingSpec
     from actors.rollout import create_rollout_actors, engine_kwargs, sampling_params
-    from cluster.models import build_tiny_model
+    from testing.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4)
     config = RolloutConfig(

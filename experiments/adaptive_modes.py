@@ -98,7 +98,7 @@ def states(kinds: Sequence[str], per_kind: int = STATES_PER_KIND) -> list[Any]:
 
 def clone(out: Path) -> Path:
     """The behaviour-cloned policy (built once, then reused from ``out/bc``). Needs a running Ray."""
-    from cluster.models import build_tiny_model
+    from testing.tiny_model import build_tiny_model
     from learner.bc import run_bc
     from learner.config import BCConfig, LearnerConfig
 

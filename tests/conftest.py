@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer Llama with tied embeddings, a byte-level BPE tokenizer and a ChatML
     chat template, saved as a HF folder (fp32 safetensors)."""
-    from cluster.models import build_tiny_model
+    from testing.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

@@ -14,7 +14,7 @@ from actors.sotopia import SotopiaDataset
 from actors.states import make_state
 from cluster.config import load_config
 from cluster.driver import TrainingDriver
-from reward.fault_server import FaultConfig, FaultServer
+from testing.fault_server import FaultConfig, FaultServer
 
 pytestmark = pytest.mark.slow
 

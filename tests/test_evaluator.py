@@ -17,7 +17,7 @@ from reward.evaluator import (
     render_summary,
     summarise,
 )
-from reward.fault_server import FaultConfig, FaultServer, hashed_answer
+from testing.fault_server import FaultConfig, FaultServer, hashed_answer
 from reward.judge import AnswerError, JudgeClient
 from reward.prompts import DIMENSIONS, EVAL_SCHEMA, evaluation_prompt, reformat_prompt
 

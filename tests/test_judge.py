@@ -11,7 +11,7 @@ import time
 import pytest
 from judge_fixtures import DIALOG, judge_config, make_context
 
-from reward.fault_server import FaultConfig, FaultServer
+from testing.fault_server import FaultConfig, FaultServer
 from reward.judge import (
     AnswerError,
     JudgeClient,

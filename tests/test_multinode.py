@@ -21,7 +21,7 @@ import pytest
 
 from actors.sotopia import SotopiaDataset
 from actors.states import make_state, write_states
-from reward.fault_server import FaultConfig, FaultServer
+from testing.fault_server import FaultConfig, FaultServer
 from reward.modes import SYSTEM_PROMPT
 
 pytestmark = pytest.mark.slow

@@ -42,7 +42,7 @@ from cluster.pipeline import (
     summarise_results,
     summary_view,
 )
-from reward.fault_server import FaultConfig, FaultServer, hashed_answer
+from testing.fault_server import FaultConfig, FaultServer, hashed_answer
 from reward.judge import AnswerError, parse_goal_scores
 from reward.modes import MODE_SECTIONS, SYSTEM_PROMPT, format_response, parse_response
 from reward.prompts import DIMENSIONS

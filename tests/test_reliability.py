@@ -39,7 +39,7 @@ from cluster.driver import DataCursor, StateStream, TrainingDriver
 from cluster.models import resolve_model
 from cluster.pipeline import BCRecordError, read_bc_records
 from learner.checkpoint import begin_checkpoint, finish_checkpoint, latest_checkpoint, read_checkpoint
-from reward.fault_server import OUTCOMES, FaultConfig, FaultServer
+from testing.fault_server import OUTCOMES, FaultConfig, FaultServer
 from reward.modes import format_response
 from reward.pool import FORMAT_ERROR_MODE, RewardScorer, load_tokenizer
 from reward.prompts import goal_prompt

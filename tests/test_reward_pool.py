@@ -13,7 +13,7 @@ import pytest
 from judge_fixtures import BROKEN_RESPONSE, make_context, make_group, response, reward_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from reward.fault_server import OUTCOMES, FaultConfig, FaultServer
+from testing.fault_server import OUTCOMES, FaultConfig, FaultServer
 from reward.pool import FORMAT_ERROR_MODE, RewardPool, RewardScorer, load_tokenizer
 from reward.prompts import goal_prompt
 from reward.scores import answer_length_score

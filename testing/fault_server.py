@@ -26,7 +26,7 @@ from ``mix`` (weights) with a second hash. A ``script`` replaces the draw: the n
 a client's counters against what was injected. Non-fault latency, timeouts and Retry-After are real waits.
 
 Run it in a background thread (``start``/``stop`` or ``with FaultServer(...) as server``), or from a shell:
-``python -m reward.fault_server --latency 0.2 --port 8011``.
+``python -m testing.fault_server --latency 0.2 --port 8011``.
 """
 
 from __future__ import annotations
