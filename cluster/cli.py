@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_pipeline_commands(sub)
 
+    doctor = sub.add_parser("doctor", help="check every model endpoint the config names (key, model, one answer)")
+    _add_config_args(doctor)
     train = sub.add_parser("train", help="AMPO reinforcement learning on RL states (the training driver)")
     _add_config_args(train)
 
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.models import prepare_embedded_model
 
             print(prepare_embedded_model(force=args.force))
+        elif args.command == "doctor":
+            return _doctor(args)
         elif args.command == "train":
             return _train(args)
         elif args.command == "run":
@@ -86,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ampo: config error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """`ampo doctor`: the preflight checks alone, one line each; status 2 when one fails."""
+    from cluster.preflight import check_endpoint, endpoint_sections
+
+    checks = [check_endpoint(field, section) for field, section in endpoint_sections(load_config(args.config, args.overrides))]
+    for check in checks:
+        print(check.line())
+    return 0 if all(c.ok for c in checks) else 2
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -101,11 +115,13 @@ def _train(args: argparse.Namespace) -> int:
     from cluster.driver import TrainingDriver
     from cluster.models import resolve_model
     from cluster.pipeline import Endpoint, driver_evaluation, judge_endpoint
+    from cluster.preflight import preflight
     from cluster.ray_cluster import connect
 
     config = load_config(args.config, args.overrides)
     if config.data.train_states is None:
         raise ConfigError("data.train_states is not set: give an RL state file (`ampo build-states` makes one)")
+    preflight(config)
     states = read_states(config.data.train_states)
     policy = resolve_model(config.rollout.model)
     connect(config)
@@ -127,8 +143,11 @@ def _run(args: argparse.Namespace) -> int:
     import json
 
     from cluster.local import run_local
+    from cluster.preflight import preflight
 
-    summary = run_local(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    preflight(config)
+    summary = run_local(config)
     print(json.dumps(summary, indent=2, default=str))
     return 130 if summary.get("training", {}).get("interrupted") else 0
 

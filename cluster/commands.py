@@ -247,8 +247,10 @@ def _bc(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from cluster.pipeline import evaluate, open_endpoint
+    from cluster.preflight import preflight
 
     config = _config(args)
+    preflight(config, training=False)
     partner_section = config.eval.partner
     mode = "self_play" if partner_section is None else "vs_partner"
     policy_name = (args.policy or Path(config.rollout.model)).name or "policy"

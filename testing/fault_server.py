@@ -129,6 +129,8 @@ class FaultConfig:
     script: Sequence[str] | None = None
     answer: Callable[[str], str] = hashed_answer
     model: str = "fault-judge"
+    api_key: str | None = None
+    """When set, every /v1 request without ``Authorization: Bearer <api_key>`` gets HTTP 401, as a hosted API does."""
 
     def __post_init__(self) -> None:
         unknown = [k for k in [*self.mix, *(self.script or ())] if k not in OUTCOMES]
@@ -301,12 +303,20 @@ class FaultServer:
     # ---- HTTP ------------------------------------------------------------------------------------------------
 
     def _app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._auth])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._stats)
         return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        wanted = self.config.api_key
+        if wanted is not None and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {wanted}":
+            error = {"error": {"message": "invalid API key (injected)", "type": "invalid_request_error", "code": "invalid_api_key"}}
+            return web.json_response(error, status=401)
+        return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -1,0 +1,84 @@
+"""Preflight: `ampo train` / `eval` / `doctor` check every remote endpoint before any engine starts (unreachable,
+key missing or refused, model not served) and stop with one line naming the field."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from cluster import cli
+from cluster.config import load_config
+from cluster.preflight import check_endpoint, endpoint_sections
+from testing.fault_server import FaultConfig, FaultServer
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+KEY_ENV = "AMPO_TEST_PREFLIGHT_KEY"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_engines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anything that would start Ray, an engine or a judge server fails the test."""
+    import cluster.pipeline
+    import cluster.ray_cluster
+
+    def started(*args, **kwargs):
+        raise AssertionError("an engine or Ray was started before the preflight stopped the command")
+
+    monkeypatch.setattr(cluster.ray_cluster, "connect", started)
+    monkeypatch.setattr(cluster.pipeline, "open_endpoint", started)
+
+
+@pytest.fixture
+def keyed_server():
+    with FaultServer(FaultConfig(api_key="s3cret")) as server:
+        yield server
+
+
+def judge_args(url: str) -> list[str]:
+    return [f"reward.judge.base_url={url}", "reward.judge.model=fault-judge", f"reward.judge.api_key_env={KEY_ENV}"]
+
+
+def train(tmp_path: Path, *overrides: str) -> list[str]:
+    return ["train", "--config", str(TINY), f"data.train_states={tmp_path / 'states.parquet'}", *overrides]
+
+
+def test_train_stops_before_any_engine_on_an_unreachable_judge(tmp_path, capsys, no_engines) -> None:
+    assert cli.main(train(tmp_path, *judge_args(f"http://127.0.0.1:{closed_port()}/v1"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reward.judge: FAILED" in err and "not reachable" in err
+
+
+def test_train_stops_on_a_missing_key_and_doctor_says_the_same(tmp_path, capsys, no_engines, keyed_server, monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert cli.main(train(tmp_path, *judge_args(keyed_server.base_url))) == 2
+    err = capsys.readouterr().err
+    assert "reward.judge: FAILED" in err and f"${KEY_ENV} is not set here" in err
+    assert cli.main(["doctor", "--config", str(TINY), *judge_args(keyed_server.base_url)]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("reward.judge: FAILED") and f"${KEY_ENV} is not set here" in out[0]
+    assert out[1] == "eval.judge: ok: a local server started by this run"
+
+
+def test_a_refused_key_an_unserved_model_and_a_good_endpoint(keyed_server, monkeypatch) -> None:
+    section = load_config(TINY, judge_args(keyed_server.base_url)).reward.judge
+    monkeypatch.setenv(KEY_ENV, "wrong")
+    assert "was refused" in check_endpoint("reward.judge", section).detail
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    good = check_endpoint("reward.judge", section)
+    assert good.ok and good.detail.endswith("answered")
+    other = check_endpoint("reward.judge", section.model_copy(update={"model": "qwen2.5-72b-instruct"}))
+    assert not other.ok and "does not serve 'qwen2.5-72b-instruct'; it serves fault-judge" in other.detail
+
+
+def test_every_endpoint_a_command_calls_is_checked() -> None:
+    config = load_config(TINY, ["eval.partner.base_url=http://x/v1", "eval.partner.model=m"])
+    assert [f for f, _ in endpoint_sections(config)] == ["reward.judge", "eval.judge", "eval.partner"]
+    assert [f for f, _ in endpoint_sections(config, training=False)] == ["eval.judge", "eval.partner"]
