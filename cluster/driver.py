@@ -152,6 +152,7 @@ class DriverMetrics:
         self.mode_term_group_ratio = Gauge(
             "ampo_mode_term_group_ratio", "Share of the last step's groups that get AMPO's mode-level term."
         )
+        self.unscored_ratio = Gauge("ampo_unscored_ratio", "Share of the last step's samples the judge could not score.")
         self.groups = Counter("ampo_driver_groups_total", "Groups per pipeline stage.", tag_keys=("stage",))
         self.eval_goal = Gauge(
             "ampo_eval_goal", "Evaluation GOAL (0-10) by episode subset and side.", tag_keys=("subset", "side")
@@ -169,6 +170,7 @@ class DriverMetrics:
         self.learner_tokens_per_s.set(metrics.get("tokens_per_s", 0.0))
         self.staleness.set(metrics["staleness"])
         self.mode_term_group_ratio.set(metrics.get("mode_term_group_ratio", 0.0))
+        self.unscored_ratio.set(metrics["unscored_ratio"])
         for mode in MODES:
             tags = {"mode": str(mode)}
             self.mode_fraction.set(metrics[f"mode_fraction/{mode}"], tags=tags)
@@ -295,6 +297,7 @@ class TrainingDriver:
         self._rollout_buffer: list[ScoredGroup] = []
         self.states_dropped = 0
         self._resume_from: Path | None = None
+        self._unscored_streak = 0
         """States left out because their templated prompt is longer than `rollout.max_prompt_tokens`."""
         self.metrics = DriverMetrics()
 
@@ -579,13 +582,27 @@ class TrainingDriver:
             f.write(json.dumps(record) + "\n")
         modes = " ".join(f"m{m}={record[f'mode_fraction/{m}']:.2f}" for m in MODES)
         log.info(
-            "step %d/%d  reward %.3f  format errors %.0f%%  %s  kl %.4f  entropy %.3f  %.1f s  in flight %d",
+            "step %d/%d  reward %.3f  format errors %.0f%%  unscored %.0f%%  %s  kl %.4f  entropy %.3f  %.1f s  in flight %d",
             self.step, self.config.algorithm.total_steps, record["reward_mean"], 100 * record["format_error_ratio"],
-            modes, record.get("kl", 0.0), record.get("entropy", 0.0), record.get("step_seconds", 0.0), len(self._tasks),
+            100 * record["unscored_ratio"], modes, record.get("kl", 0.0), record.get("entropy", 0.0),
+            record.get("step_seconds", 0.0), len(self._tasks),
         )
+        self._watch_unscored(record["unscored_ratio"])
         self._flush_rollouts()
         if self.on_step is not None:
             self.on_step(record)
+
+    def _watch_unscored(self, ratio: float) -> None:
+        """Stop the run (after this step, with its checkpoint) once most samples go unscored for several steps."""
+        reward = self.config.reward
+        self._unscored_streak = self._unscored_streak + 1 if ratio > reward.max_unscored_ratio else 0
+        if self._unscored_streak >= reward.unscored_patience and self._failure is None:
+            self._failure = RuntimeError(
+                f"{100 * ratio:.0f}% of step {self.step}'s samples could not be scored, over reward.max_unscored_ratio="
+                f"{reward.max_unscored_ratio} for {self._unscored_streak} steps: check reward.judge (`ampo doctor`) "
+                "and the judge failures in the log; the run stops here, and the same command resumes from its last checkpoint"
+            )
+            self._stop.set()
 
     async def _evaluate(self) -> None:
         results = await self.evaluate(self, self.step)

@@ -68,5 +68,11 @@ class RewardConfig(BaseModel):
     judge_failure_as_zero: bool = False
     """Reproduce the reference, which scores a failed judge call 0 (spec §2.5). Off: such a sample is
     marked invalid with its reason and never scored."""
+    max_unscored_ratio: float = Field(0.5, ge=0, le=1)
+    """Stop the run when more than this share of a step's samples could not be scored (judge failures) for
+    `unscored_patience` steps in a row: the judge is down or misconfigured, and training on the rest would learn
+    from a biased few. 1 never stops."""
+    unscored_patience: int = Field(3, ge=1)
+    """Consecutive steps above `max_unscored_ratio` before the run stops (a brief outage is ridden out)."""
     custom_reward: str | None = None
     """Optional `module:function` returning a reward for a scored-sample context, replacing the judge reward."""

@@ -49,3 +49,20 @@ def test_evaluation_goal_series_name_their_subset_and_side() -> None:
         (5.0, {"subset": "hard", "side": "opponent"}), (6.5, {"subset": "all", "side": "avg"}),
         (7.0, {"subset": "all", "side": "actor"}),
     ]
+
+
+def test_a_run_stops_once_most_samples_stay_unscored(tmp_path) -> None:
+    from pathlib import Path
+
+    from cluster.config import load_config
+    from cluster.driver import TrainingDriver
+
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    config = load_config(tiny, [f"cluster.run_dir={tmp_path}", "reward.max_unscored_ratio=0.5", "reward.unscored_patience=2"])
+    driver = TrainingDriver(config, [], "unused")
+    for ratio in (0.9, 0.2, 0.6):  # a blip, recovery, another bad step: still running
+        driver._watch_unscored(ratio)
+    assert driver._failure is None and not driver._stop.is_set()
+    driver._watch_unscored(0.75)  # second bad step in a row
+    assert driver._stop.is_set() and "75% of step 0's samples could not be scored" in str(driver._failure)
+    assert "reward.max_unscored_ratio=0.5 for 2 steps" in str(driver._failure)
