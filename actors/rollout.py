@@ -110,6 +110,10 @@ def engine_kwargs(config: RolloutConfig, model_path: str | Path) -> dict[str, An
         seed=config.seed,
         worker_extension_cls=WORKER_EXTENSION,
         disable_log_stats=True,
+        # The behaviour log-probs must be those of the distribution the tokens were drawn from, which is what the
+        # learner recomputes: softmax(logits / temperature). vLLM's default, raw_logprobs, is taken before the
+        # temperature, so at any temperature but 1 the importance weights would compare two different things.
+        logprobs_mode="processed_logprobs",
     )
     if config.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes

@@ -152,6 +152,9 @@ class DriverMetrics:
         self.mode_term_group_ratio = Gauge(
             "ampo_mode_term_group_ratio", "Share of the last step's groups that get AMPO's mode-level term."
         )
+        self.logprob_mismatch = Gauge(
+            "ampo_logprob_mismatch", "Mean |learner - engine| log-prob of the last step's current-version tokens."
+        )
         self.unscored_ratio = Gauge("ampo_unscored_ratio", "Share of the last step's samples the judge could not score.")
         self.groups = Counter("ampo_driver_groups_total", "Groups per pipeline stage.", tag_keys=("stage",))
         self.eval_goal = Gauge(
@@ -171,6 +174,7 @@ class DriverMetrics:
         self.staleness.set(metrics["staleness"])
         self.mode_term_group_ratio.set(metrics.get("mode_term_group_ratio", 0.0))
         self.unscored_ratio.set(metrics["unscored_ratio"])
+        self.logprob_mismatch.set(metrics.get("logprob_mismatch", 0.0))  # absent only on a skipped step
         for mode in MODES:
             tags = {"mode": str(mode)}
             self.mode_fraction.set(metrics[f"mode_fraction/{mode}"], tags=tags)

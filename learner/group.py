@@ -226,6 +226,10 @@ class LearnerGroup:
             {
                 "skipped": 0.0,
                 "is_weight_max": max(r["is_weight_max"] for r in results),
+                # Mean and largest |learner − engine| log-prob of the tokens of current-version samples.
+                "logprob_mismatch": sum(r["logprob_mismatch_sum"] for r in results)
+                / max(sum(r["logprob_mismatch_tokens"] for r in results), 1.0),
+                "logprob_mismatch_max": max(r["logprob_mismatch_max"] for r in results),
                 "grad_norm": results[0]["grad_norm"],
                 "lr": results[0]["lr"],
                 "loss_tokens": float(global_tokens),

@@ -309,7 +309,16 @@ class LearnerWorker:
         model.train()
         sums = {f"{name}_tok_sum": 0.0 for name in TOKEN_MEAN_METRICS}
         weight_max = 0.0
+        # Engine against learner on samples of the current version (same weights): any gap is numerics or a
+        # different treatment of the sampling distribution, and it biases the importance weights.
+        mismatch_sum = mismatch_max = mismatch_tokens = 0.0
         for i, mb in enumerate(batches):
+            fresh = mb["mask"] & ~mb["stale"].unsqueeze(-1)
+            gap = (old[i] - mb["behaviour"]).abs()[fresh]
+            if gap.numel():
+                mismatch_sum += float(gap.sum())
+                mismatch_max = max(mismatch_max, float(gap.max()))
+                mismatch_tokens += gap.numel()
             logprobs, entropy = self._token_logprobs(model, mb)
             behaviour = None
             if algo.tis_cap is not None:
@@ -336,6 +345,9 @@ class LearnerWorker:
         grad_norm, lr = self._optimizer_step(optimizer)
         return {
             **sums,
+            "logprob_mismatch_sum": mismatch_sum,
+            "logprob_mismatch_max": mismatch_max,
+            "logprob_mismatch_tokens": mismatch_tokens,
             "is_weight_max": weight_max,
             "grad_norm": grad_norm,
             "lr": lr,
