@@ -117,12 +117,12 @@ def _train(args: argparse.Namespace) -> int:
     from cluster.pipeline import Endpoint, driver_evaluation, judge_endpoint
     from cluster.preflight import preflight
     from cluster.ray_cluster import connect
+    from cluster.stages import existing, states_path
 
     config = load_config(args.config, args.overrides)
-    if config.data.train_states is None:
-        raise ConfigError("data.train_states is not set: give an RL state file (`ampo build-states` makes one)")
+    states_file = existing(states_path(config), "RL states", "build-states", "data.train_states")
     preflight(config)
-    states = read_states(config.data.train_states)
+    states = read_states(states_file)
     policy = resolve_model(config.rollout.model)
     connect(config)
     with contextlib.ExitStack() as stack:

@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from cluster.config import Config, ConfigError, load_config
+from cluster import stages
 
 log = logging.getLogger("ampo")
 
@@ -92,7 +93,7 @@ def register_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     states = sub.add_parser("build-states", help="play self-play episodes and write judged RL states (Parquet)")
     _add_config_args(states)
     states.add_argument("--policy", type=Path, help="policy model folder (default: rollout.model)")
-    states.add_argument("--out", type=Path, help="output Parquet (default: data.train_states, else <run_dir>/rl_states.parquet)")
+    states.add_argument("--out", type=Path, help="output Parquet (default: data.train_states, else <run_dir>/train_rl.parquet)")
     states.add_argument("--episodes", type=_int_list, help="episode ids, comma-separated (default: all)")
     states.add_argument("--max-episodes", type=int, help="play only the first N episodes")
     states.add_argument("--rollouts", type=int, default=1, help="episodes played per scenario episode")
@@ -109,7 +110,7 @@ def register_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     )
     _add_config_args(demos)
     demos.add_argument("--states", type=Path, help="RL states file (default: data.train_states)")
-    demos.add_argument("--out", type=Path, help="output JSON (default: data.bc_data, else <run_dir>/bc_demos.json)")
+    demos.add_argument("--out", type=Path, help="output JSON (default: data.bc_data, else <run_dir>/demos.json)")
     demos.add_argument("--modes", type=_int_list, default=[1, 2, 3, 4], help="thinking modes, comma-separated")
     demos.add_argument("--max-states", type=int, help="use only the first N states")
     demos.add_argument("--expert-url", help="OpenAI-compatible base URL of the expert, or `local`")
@@ -121,7 +122,7 @@ def register_pipeline_commands(sub: argparse._SubParsersAction) -> None:
 
     bc = sub.add_parser("bc", help="behaviour cloning of the thinking modes; writes a HF model folder")
     _add_config_args(bc)
-    bc.add_argument("--data", type=Path, help="alpaca records (default: data.bc_data)")
+    bc.add_argument("--data", type=Path, help="alpaca records (default: data.bc_data, else <run_dir>/demos.json)")
     bc.add_argument("--model", type=Path, help="initial model folder (default: rollout.model)")
     bc.add_argument("--out", type=Path, help="output folder (default: bc.output, else <run_dir>/bc_model)")
     bc.set_defaults(handler=_handler(_bc))
@@ -192,7 +193,7 @@ def _build_states(args: argparse.Namespace) -> int:
     from cluster.pipeline import build_states, open_endpoint
 
     config = _config(args)
-    out = args.out or config.data.train_states or Path(config.cluster.run_dir) / "rl_states.parquet"
+    out = args.out or stages.states_path(config)
     if out.suffix != ".parquet":
         raise ConfigError(f"build-states writes Parquet; {out} does not end in .parquet (give --out)")
     with open_endpoint(config.reward.judge, config.rollout, what="goal judge") as judge:
@@ -224,7 +225,7 @@ def _make_demos(args: argparse.Namespace) -> int:
         expert_section = expert_section.model_copy(update={"base_url": args.expert_url})
     if args.expert_model is not None:
         expert_section = expert_section.model_copy(update={"model": args.expert_model})
-    out = args.out or config.data.bc_data or Path(config.cluster.run_dir) / "bc_demos.json"
+    out = args.out or stages.demos_path(config)
     with open_endpoint(expert_section, config.rollout, model_path=args.expert_model_path, what="expert") as expert:
         result = make_demos(
             states, expert=expert, expert_config=expert_section, out_path=out, modes=args.modes,
@@ -253,8 +254,7 @@ def _eval(args: argparse.Namespace) -> int:
     preflight(config, training=False)
     partner_section = config.eval.partner
     mode = "self_play" if partner_section is None else "vs_partner"
-    policy_name = (args.policy or Path(config.rollout.model)).name or "policy"
-    out = args.out or Path(config.cluster.run_dir) / "eval" / f"{policy_name}-{mode}-{args.subset}.jsonl"
+    out = args.out or stages.eval_path(config, args.policy or config.rollout.model, mode, args.subset)
     with ExitStack() as stack:
         judge = stack.enter_context(open_endpoint(config.eval.judge, config.rollout, what="episode evaluator"))
         partner = None
@@ -278,8 +278,8 @@ def _report(args: argparse.Namespace) -> int:
     paths, overrides = _split_items(args.items)
     config = _config(args, overrides)
     run_dir = args.run_dir or Path(config.cluster.run_dir)
-    results = [Path(p) for p in paths] or sorted((run_dir / "eval").glob("*.jsonl"))
-    result = report(results, run_dir=run_dir, out_dir=args.out or run_dir / "report")
+    results = [Path(p) for p in paths] or sorted((run_dir / stages.EVAL_DIR).glob("*.jsonl"))
+    result = report(results, run_dir=run_dir, out_dir=args.out or run_dir / stages.REPORT_DIR)
     print(result.text.read_text(), end="")
     print(f"\nreport written to {result.markdown} and {result.text}" + (f" with {len(result.plots)} plot(s)" if result.plots else ""))
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from actors.sotopia import SotopiaDataset
 from actors.states import read_states
+from cluster import stages
 from cluster.config import Config, dump_config
 from cluster.models import resolve_model
 from cluster.pipeline import build_states, evaluate, make_demos, open_endpoint, opening_states, report, run_bc_command, select_episodes
@@ -43,7 +44,7 @@ def run_local(config: Config) -> dict[str, Any]:
     with open_endpoint(config.reward.judge, config.rollout, model_path=base, what="judge, expert and evaluator") as judge:
         stage("judge server")
         log.info("[1/6] demonstrations: the expert writes each opening state in all four thinking modes")
-        demos = Path(config.data.bc_data or run_dir / "demos.json")
+        demos = stages.demos_path(config)
         if not demos.is_file():
             states = opening_states(dataset, select_episodes(dataset, max_episodes=config.data.demo_states))
             demo_report = make_demos(states, expert=judge, expert_config=config.reward.judge, out_path=demos)
@@ -52,13 +53,13 @@ def run_local(config: Config) -> dict[str, Any]:
         stage("demonstrations")
 
         log.info("[2/6] behaviour cloning of the four modes")
-        bc_model = Path(config.bc.output or run_dir / "bc_model")
+        bc_model = stages.bc_model_path(config)
         if not (bc_model / "config.json").is_file():
             run_bc_command(config, data=demos, model_path=base, out_dir=bc_model)
         stage("behaviour cloning")
 
         log.info("[3/6] RL states: self-play with the BC policy, every dialogue prefix judged")
-        states_file = Path(config.data.train_states or run_dir / "train_rl.parquet")
+        states_file = stages.states_path(config)
         if not states_file.is_file():
             states_report = build_states(
                 config, judge=judge, out_path=states_file, policy_path=bc_model, max_episodes=config.data.build_episodes
@@ -78,7 +79,10 @@ def run_local(config: Config) -> dict[str, Any]:
         stage("AMPO training")
 
         log.info("[5/6] evaluation: Sotopia episodes of the trained policy judged on 7 dimensions")
-        eval_file = run_dir / "eval.jsonl"
+        eval_file = stages.eval_path(
+            config, training["final_model"], "self_play" if config.eval.partner is None else "vs_partner",
+            "hard" if config.eval.hard_only else "all",
+        )
         eval_report = evaluate(
             config, judge=judge, out_path=eval_file, policy_path=training["final_model"],
             hard_only=config.eval.hard_only, max_episodes=config.eval.max_episodes,
@@ -86,7 +90,7 @@ def run_local(config: Config) -> dict[str, Any]:
         stage("evaluation")
 
     log.info("[6/6] report")
-    result = report([eval_file], run_dir=run_dir, out_dir=run_dir / "report")
+    result = report([eval_file], run_dir=run_dir, out_dir=run_dir / stages.REPORT_DIR)
     stage("report")
     summary["evaluation"] = eval_report.metrics()
     summary["report"] = str(result.markdown)

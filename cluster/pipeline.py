@@ -76,6 +76,7 @@ from actors.states import (
     write_states,
 )
 from cluster.config import Config, ConfigError, PartnerConfig
+from cluster.stages import bc_model_path, demos_path, existing
 from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Generation, Message, OpenAIPartner, Policy
 from learner.bc import BCDataError, BCRecord, load_bc_records, parse_bc_record
 from reward.config import JudgeConfig
@@ -876,12 +877,10 @@ def run_bc_command(
     from cluster.ray_cluster import MACHINE_CORES, bc_rank_options, connect, learner_core_sets
     from learner.bc import run_bc
 
-    source = data if data is not None else config.data.bc_data
-    if source is None:
-        raise ConfigError("data.bc_data is null: give a demonstrations file (`ampo make-demos` writes one)")
+    source = data if data is not None else existing(demos_path(config), "demonstrations", "make-demos", "data.bc_data")
     records = [record.model_dump() for record in read_bc_records(source)]
     model = Path(model_path) if model_path is not None else resolve_model(config.rollout.model)
-    out = Path(out_dir) if out_dir is not None else (config.bc.output or Path(config.cluster.run_dir) / "bc_model")
+    out = Path(out_dir) if out_dir is not None else bc_model_path(config)
     started_ray = not ray.is_initialized()
     connect(config)
     try:

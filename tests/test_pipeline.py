@@ -641,7 +641,7 @@ def test_build_states_eval_and_report_commands_on_the_tiny_model(tiny_model_dir,
               f"eval.judge.base_url={fault_server.base_url}", "eval.judge.model=fault-judge",
               "eval.max_turns=2", "rollout.max_response_tokens=16"]
     assert ampo(["build-states", *common, "--max-episodes", "2", "--seed", "3"]) == 0
-    states = read_states(run_dir / "rl_states.parquet")
+    states = read_states(run_dir / "train_rl.parquet")  # the name `ampo train` looks for
     assert [(s.env_id, s.turn) for s in states] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert "RL states: 4 written" in capsys.readouterr().out
     # Deterministic given the seed: a fresh run elsewhere writes the same states. One episode at a time:
@@ -662,16 +662,19 @@ def test_build_states_eval_and_report_commands_on_the_tiny_model(tiny_model_dir,
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bc_command_trains_on_make_demos_output(ray_local, tiny_model_dir, tmp_path, capsys):
-    demos = tmp_path / "demos.json"
+    # The stages chain through the run folder: bc finds make-demos' output without a flag.
+    run = f"cluster.run_dir={tmp_path / 'run'}"
+    assert ampo(["bc", "--config", str(TINY_CONFIG), run]) == 2
+    assert "data.bc_data: no demonstrations at" in capsys.readouterr().err  # says which stage writes it
     with FaultServer(FaultConfig(answer=expert_answer)) as server:
-        assert ampo(["make-demos", "--config", str(TINY_CONFIG), f"reward.judge.base_url={server.base_url}",
+        assert ampo(["make-demos", "--config", str(TINY_CONFIG), run, f"reward.judge.base_url={server.base_url}",
                      "reward.judge.model=fault-judge", "reward.judge.api_key_env=AMPO_TEST_JUDGE_KEY_UNSET",
-                     "--max-states", "2", "--out", str(demos)]) == 0
+                     "--max-states", "2"]) == 0
     # The opening turns of episodes 0 and 1; the test expert spoils mode 3 of episode 1 (see expert_answer).
     assert "demonstrations: 7 of 8 accepted (87.5%)" in capsys.readouterr().out
-    out_dir = tmp_path / "bc_model"
-    assert ampo(["bc", "--config", str(TINY_CONFIG), f"rollout.model={tiny_model_dir}", "bc.epochs=1", "bc.batch_size=4",
-                 "bc.cutoff_len=1024", "learner.mixed_precision=fp32", "--data", str(demos), "--out", str(out_dir)]) == 0
+    out_dir = tmp_path / "run" / "bc_model"
+    assert ampo(["bc", "--config", str(TINY_CONFIG), run, f"rollout.model={tiny_model_dir}", "bc.epochs=1", "bc.batch_size=4",
+                 "bc.cutoff_len=1024", "learner.mixed_precision=fp32"]) == 0
     assert (out_dir / "config.json").is_file() and len((out_dir / "bc_metrics.jsonl").read_text().splitlines()) == 2
     assert f"behaviour-cloned model written to {out_dir}" in capsys.readouterr().out
 

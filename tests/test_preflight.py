@@ -47,7 +47,9 @@ def judge_args(url: str) -> list[str]:
 
 
 def train(tmp_path: Path, *overrides: str) -> list[str]:
-    return ["train", "--config", str(TINY), f"data.train_states={tmp_path / 'states.parquet'}", *overrides]
+    states = tmp_path / "states.parquet"
+    states.touch()  # present (it is read after the preflight)
+    return ["train", "--config", str(TINY), f"data.train_states={states}", *overrides]
 
 
 def test_train_stops_before_any_engine_on_an_unreachable_judge(tmp_path, capsys, no_engines) -> None:
