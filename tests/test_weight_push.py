@@ -27,8 +27,7 @@ GROUP_TIMEOUT_S = 4.0
 """The gloo group gives up a little after the actor's deadline, so the engine is free soon after a timeout."""
 
 
-@pytest.fixture(scope="module")
-def actor(ray_local, tiny_model_dir):
+def start_actor(ray_local, tiny_model_dir):
     from actors.rollout import create_rollout_actors
 
     config = RolloutConfig(
@@ -46,6 +45,17 @@ def actor(ray_local, tiny_model_dir):
     yield handle
     ray_local.get(handle.shutdown.remote(), timeout=60)
     ray_local.kill(handle, no_restart=True)
+
+
+@pytest.fixture(scope="module")
+def actor(ray_local, tiny_model_dir):
+    """The actor the push tests share, in order: versions 1 and 2, then the refusals and the timeout."""
+    yield from start_actor(ray_local, tiny_model_dir)
+
+
+@pytest.fixture
+def own_actor(ray_local, tiny_model_dir):
+    yield from start_actor(ray_local, tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -80,26 +90,28 @@ def perturb(model: torch.nn.Module, seed: int) -> torch.Tensor:
     return old_embedding
 
 
-def engine_continuation(ray_local, actor) -> tuple[list[int], list[float]]:
-    """A greedy continuation of the fixed prompt and vLLM's log-prob of each of its tokens."""
+def engine_continuation(ray_local, actor, prompt: tuple[int, ...] = PROMPT) -> tuple[list[int], list[float]]:
+    """A greedy continuation of the prompt and vLLM's log-prob of each of its tokens."""
     request = GroupRequest(
-        "score", "s", prompt_token_ids=PROMPT, sampling=SamplingSpec(n=1, temperature=0.0, max_tokens=24)
+        "score", "s", prompt_token_ids=prompt, sampling=SamplingSpec(n=1, temperature=0.0, max_tokens=24)
     )
     (sample,) = ray_local.get(actor.generate.remote(request), timeout=60).samples
     return list(sample.response_token_ids), list(sample.behaviour_logprobs)
 
 
-def hf_logprobs(model: torch.nn.Module, response: list[int], lm_head: torch.Tensor | None = None) -> list[float]:
+def hf_logprobs(
+    model: torch.nn.Module, response: list[int], lm_head: torch.Tensor | None = None, prompt: tuple[int, ...] = PROMPT
+) -> list[float]:
     """Teacher-forced log-probs of `response` after the prompt; `lm_head` replaces the output matrix (to
     see what an engine with a stale tied lm_head would report)."""
-    ids = torch.tensor([list(PROMPT) + response])
+    ids = torch.tensor([list(prompt) + response])
     with torch.no_grad():
         if lm_head is None:
             logits = model(ids).logits[0]
         else:
             logits = model.model(ids).last_hidden_state[0] @ lm_head.T
     logprobs = torch.log_softmax(logits.double(), dim=-1)
-    start = len(PROMPT) - 1
+    start = len(prompt) - 1
     return [logprobs[start + i, token].item() for i, token in enumerate(response)]
 
 
@@ -107,10 +119,12 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def check_push(ray_local, actor, model: torch.nn.Module, old_embedding: torch.Tensor, transport: str) -> None:
-    response, engine = engine_continuation(ray_local, actor)
-    pushed = max_abs_diff(engine, hf_logprobs(model, response))
-    stale = max_abs_diff(hf_logprobs(model, response, lm_head=old_embedding), hf_logprobs(model, response))
+def check_push(
+    ray_local, actor, model: torch.nn.Module, old_embedding: torch.Tensor, transport: str, prompt: tuple[int, ...] = PROMPT
+) -> None:
+    response, engine = engine_continuation(ray_local, actor, prompt)
+    pushed = max_abs_diff(engine, hf_logprobs(model, response, prompt=prompt))
+    stale = max_abs_diff(hf_logprobs(model, response, lm_head=old_embedding, prompt=prompt), hf_logprobs(model, response, prompt=prompt))
     print(f"{transport}: max |vLLM - transformers| = {pushed:.2e}; with a stale tied lm_head it would be {stale:.2e}")
     assert pushed < TOLERANCE
     assert stale > 100 * TOLERANCE, "the perturbation is too small to expose a stale lm_head"
@@ -173,6 +187,22 @@ def test_push_through_the_object_store_matches_transformers(ray_local, actor, hf
     assert ray_local.get(actor.update_weights.remote(1, blob), timeout=60) is True
     assert ray_local.get(actor.version.remote()) == 1
     check_push(ray_local, actor, hf_model, old_embedding, "object store")
+
+
+@pytest.mark.slow
+def test_a_prompt_cached_before_an_update_is_scored_by_the_new_weights(ray_local, own_actor, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    actor = own_actor
+    hf_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    # The prompt is computed once with the current weights, so the engine's prefix cache holds its full KV blocks
+    # (vLLM's CPU blocks hold 128 tokens: the prompt fills two); after the update the same prompt must be
+    # recomputed, or the continuation's log-probs mix old and new weights.
+    prompt = tuple(3 + i % 400 for i in range(300))
+    engine_continuation(ray_local, actor, prompt)
+    old_embedding = perturb(hf_model, seed=5)
+    assert ray_local.get(actor.update_weights.remote(1, ray_local.put(serialize_weights(hf_model.state_dict().items()))), timeout=60)
+    check_push(ray_local, actor, hf_model, old_embedding, "object store, prompt cached before the update", prompt)
 
 
 @pytest.mark.slow
