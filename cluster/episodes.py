@@ -55,6 +55,7 @@ from actors.prompts import (
 )
 from actors.sotopia import AgentProfile, EnvironmentProfile, SotopiaDataset
 from reward.modes import SYSTEM_PROMPT, extract_partner_utterance, extract_utterance, is_leaving, parse_response
+from reward.evaluator import RunMode
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ Message = dict[str, str]
 """One chat message: ``{"role": ..., "content": ...}``."""
 
 ActorRole = Literal["agent1", "agent2"]
-RunMode = Literal["self_play", "vs_partner"]
 EndReason = Literal["left", "max_turns", "prompt_too_long"]
 
 

@@ -80,7 +80,16 @@ from cluster.stages import bc_model_path, demos_path, existing
 from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Generation, Message, OpenAIPartner, Policy
 from learner.bc import BCDataError, BCRecord, load_bc_records, parse_bc_record
 from reward.config import JudgeConfig
-from reward.evaluator import EpisodeEvaluator, ResultsSummary, load_results, render_summary, summarise
+from reward.evaluator import (
+    EpisodeEvaluator,
+    ResultsSummary,
+    RunMode,
+    load_results,
+    render_summary,
+    run_mode_of,
+    summarise,
+    table1_markdown,
+)
 from reward.judge import AnswerError, JudgeClient, JudgeResult, extract_json_object
 from reward.modes import MODE_SECTIONS, MODES, SYSTEM_PROMPT, format_response, parse_response
 from reward.prompts import goal_prompt
@@ -1154,13 +1163,21 @@ def report(
     summaries: dict[str, ResultsSummary] = {}
     markdown: list[str] = ["# AMPO report", ""]
     text: list[str] = ["AMPO report", ""]
+    runs: list[tuple[RunMode, ResultsSummary]] = []
     for path in map(Path, results):
         records = load_results(path)
         summary = summarise_results(records)
         summaries[str(path)] = summary
+        runs.append((run_mode_of(records), summary))
         coverage = _coverage(records)
         markdown += [f"## {path.name}", "", f"`{path}`", "", _headline(summary), "", coverage, "", render_summary(summary, "markdown")]
         text += [f"== {path} ==", _headline(summary), coverage, "", render_summary(summary, "text")]
+    if runs:
+        layout = table1_markdown(runs)
+        note = ("The paper's Table 1 layout over these results files (several files of one protocol: mean ± std "
+                "between them; self-play reads the two agents' average, vs partner the model's side).")
+        markdown += ["## Table 1 layout", "", note, "", layout, ""]
+        text += ["== Table 1 layout ==", note, layout, ""]
     plots: list[Path] = []
     metrics_file = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
     if metrics_file is not None and metrics_file.is_file():

@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import math
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -340,3 +341,43 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+RunMode = Literal["self_play", "vs_partner"]
+
+
+def run_mode_of(records: Sequence[Mapping[str, Any]]) -> RunMode:
+    """A results file's protocol: the records' own `run_mode`, else (the authors' files) vs-partner when the model
+    also played agent 2."""
+    modes = {r.get("run_mode") for r in records} - {None}
+    if modes:
+        if len(modes) > 1:
+            raise ValueError(f"one results file mixes run modes {sorted(modes)}")
+        return modes.pop()  # type: ignore[return-value]
+    return "vs_partner" if any(r.get("actor_role") == "agent2" for r in records) else "self_play"
+
+
+def table1_markdown(runs: Sequence[tuple[RunMode, ResultsSummary]]) -> str:
+    """The layout of the paper's Table 1 (self-play and vs-partner, all and hard episodes, GOAL and overall) over
+    one or several runs of one policy: each cell is the mean over the runs of that protocol, ± the standard
+    deviation between runs when there are several (the paper averages four). Self-play cells read the average of
+    the two agents (both are the model); vs-partner cells read the model's side (the actor)."""
+    header = ["runs"] + [f"{protocol} {subset} {metric}" for protocol in ("self-play", "vs partner")
+                         for subset in ("Sotopia", "Hard") for metric in ("GOAL", "overall")]
+    cells = [", ".join(f"{sum(m == mode for m, _ in runs)} {mode.replace('_', '-')}" for mode in ("self_play", "vs_partner"))]
+    for mode in ("self_play", "vs_partner"):
+        chosen = [s for m, s in runs if m == mode]
+        for subset in ("all", "hard"):
+            for metric in ("goal", OVERALL):
+                values = [
+                    (getattr(s, subset).average if mode == "self_play" else getattr(s, subset).actor)[metric].mean
+                    for s in chosen
+                    if getattr(s, subset).episodes
+                ]
+                if not values:
+                    cells.append("—")
+                elif len(values) == 1:
+                    cells.append(f"{values[0]:.2f}")
+                else:
+                    cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}")
+    return "\n".join(_table(header, [cells], "markdown"))

@@ -254,3 +254,32 @@ def test_reference_exclusion_marker_and_render():
     text = render_summary(summarise(RECORDS), style="text")
     assert "overall" in text and "|" not in text
     assert "n/a" in render_summary(summarise([RECORDS[0]]))  # no hard episode
+
+
+def _summary(goal_avg: float, overall_avg: float, goal_actor: float, overall_actor: float, hard: bool = True):
+    from reward.evaluator import ResultsSummary, Stat, SubsetSummary
+
+    def subset(episodes: int) -> SubsetSummary:
+        side = lambda g, o: {"goal": Stat(g, 0.0, episodes), "overall": Stat(o, 0.0, episodes)}  # noqa: E731
+        return SubsetSummary(episodes, side(goal_actor, overall_actor), side(0.0, 0.0), side(goal_avg, overall_avg))
+
+    return ResultsSummary(10, 0, {}, subset(10), subset(2 if hard else 0), None, None)
+
+
+def test_table1_layout_over_runs_with_mean_and_std_between_runs():
+    from reward.evaluator import run_mode_of, table1_markdown
+
+    runs = [("self_play", _summary(8.0, 3.5, 9.9, 9.9)), ("self_play", _summary(9.0, 3.9, 9.9, 9.9)),
+            ("vs_partner", _summary(0.0, 0.0, 7.5, 3.6, hard=False))]
+    header, _, row = table1_markdown(runs).splitlines()
+    assert header.startswith("| runs | self-play Sotopia GOAL | self-play Sotopia overall | self-play Hard GOAL |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # Self-play reads the two agents' average: GOAL 8 and 9 -> 8.50 ± 0.71 (sample std between runs).
+    assert cells[:5] == ["2 self-play, 1 vs-partner", "8.50 ± 0.71", "3.70 ± 0.28", "8.50 ± 0.71", "3.70 ± 0.28"]
+    # Against a partner the model's side counts; no hard episodes in that run: a dash.
+    assert cells[5:] == ["7.50", "3.60", "—", "—"]
+    assert run_mode_of([{"run_mode": "vs_partner"}]) == "vs_partner"
+    assert run_mode_of([{"actor_role": "agent1"}, {"actor_role": "agent2"}]) == "vs_partner"  # the authors' files
+    assert run_mode_of([{"actor_role": "agent1"}]) == "self_play"
+    with pytest.raises(ValueError, match="mixes run modes"):
+        run_mode_of([{"run_mode": "vs_partner"}, {"run_mode": "self_play"}])

@@ -378,6 +378,8 @@ def test_report_tables_with_hand_checked_numbers(tmp_path):
     assert "| overall | 3.14 ± 0.00 | 1.57 ± 0.00 | 2.36 ± 0.00 |" in md
     assert "episodes: 3, evaluated: 2, excluded: 1 {'unparseable': 1}" in md
     assert "not the full Sotopia benchmark of 450 (70 hard): these figures are not comparable" in md
+    # One self-play file: the Table 1 row reads the average of both agents (GOAL 6.75, overall 2.86; hard 6.00, 2.36).
+    assert "| 1 self-play, 0 vs-partner | 6.75 | 2.86 | 6.00 | 2.36 | — | — | — | — |" in md
     assert "all: GOAL actor 8.00 / avg 6.75, overall actor 3.57 / avg 2.86; hard: GOAL actor 7.00 / avg 6.00, " \
            "overall actor 3.14 / avg 2.36" in md
     # Mode usage over every record: modes 1, 2, 2, 2, 3, 4 and one broken format; mode 2 tokens (20+50+70)/3.
