@@ -84,3 +84,15 @@ def test_every_endpoint_a_command_calls_is_checked() -> None:
     config = load_config(TINY, ["eval.partner.base_url=http://x/v1", "eval.partner.model=m"])
     assert [f for f, _ in endpoint_sections(config)] == ["reward.judge", "eval.judge", "eval.partner"]
     assert [f for f, _ in endpoint_sections(config, training=False)] == ["eval.judge", "eval.partner"]
+
+
+def test_a_key_file_on_shared_storage_reaches_every_caller(keyed_server, tmp_path, monkeypatch) -> None:
+    # The documented route for a cluster job: the key in a file every node reads, named by api_key_file; the
+    # variable is not set in the job (the shell that ran `ray job submit` does not pass its environment on).
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    key_file = tmp_path / "judge.key"
+    key_file.write_text("s3cret\n")
+    section = load_config(TINY, [*judge_args(keyed_server.base_url), f"reward.judge.api_key_file={key_file}"]).reward.judge
+    assert check_endpoint("reward.judge", section).ok
+    key_file.write_text("")
+    assert "is empty" in check_endpoint("reward.judge", section).detail
