@@ -18,9 +18,10 @@ How the driver keeps every stage busy and every group accounted for:
   the queue. A rollout or reward actor that dies is restarted by Ray (`max_restarts`); the driver re-sends
   the group it held (counted as resubmitted) and, for a rollout actor, first brings the restarted engine
   to the current weights. A group is therefore generated, scored and queued exactly once.
-* **Accounting**: `generated = scored = consumed + refused + dropped + waiting in the queue` at the end of a
-  run (refused: turned away at put; dropped: accepted, then too stale once the learner moved on); the summary
-  and `ampo_driver_groups_total{stage}` report each count.
+* **Accounting**: `generated = scored = consumed + refused + dropped + filtered + waiting in the queue` at the
+  end of a run (refused: turned away at put; dropped: accepted, then too stale once the learner moved on;
+  filtered: no gradient signal, with `algorithm.filter_uninformative`); the summary and
+  `ampo_driver_groups_total{stage}` report each count.
 * **Resume**: a checkpoint stores the data cursor (epoch, position in the seeded order, the ids of groups
   issued but not yet in the queue) together with the queue's waiting groups. On resume the in-flight
   groups are issued again first, with their original group ids, so no prompt is skipped or repeated.
@@ -50,6 +51,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from actors.records import GroupRequest, SamplingSpec, ScoredGroup, scored_groups_to_table
 from actors.states import RLState, chat_token_counter, fit_states
 from cluster.config import Config, ConfigError, dump_config, experiment_differences
+from learner.ampo import informative_groups
 from learner.checkpoint import read_checkpoint, resolve_resume
 from learner.group import LearnerGroup
 from learner.publish import PushReport
@@ -120,6 +122,8 @@ class Counts:
     dropped: int = 0
     """Accepted, then dropped from the queue because a newer policy made them too stale."""
     consumed: int = 0
+    filtered: int = 0
+    """Scored, then left out without a gradient signal (`algorithm.filter_uninformative`); replaced."""
     resubmitted_rollout: int = 0
     resubmitted_reward: int = 0
 
@@ -302,6 +306,7 @@ class TrainingDriver:
         self.states_dropped = 0
         self._resume_from: Path | None = None
         self._unscored_streak = 0
+        self._filtered_this_step = 0
         """States left out because their templated prompt is longer than `rollout.max_prompt_tokens`."""
         self.metrics = DriverMetrics()
 
@@ -459,7 +464,7 @@ class TrainingDriver:
 
     def _allowance(self) -> int:
         algorithm = self.config.algorithm
-        replaced = self.counts.refused + self.counts.dropped
+        replaced = self.counts.refused + self.counts.dropped + self.counts.filtered
         # At least the next step's groups, so that failed pushes (the actors keep older weights, and their groups
         # may then be refused as too stale) never stall the learner; never more groups than the remaining steps
         # consume: a group left over at the end is wasted work.
@@ -526,6 +531,13 @@ class TrainingDriver:
         self._pending[request.group_id][1] = "scored"
         self.counts.scored += 1
         self.metrics.groups.inc(tags={"stage": "scored"})
+        if self._filter_out(scored):
+            self._pending.pop(request.group_id, None)
+            self.counts.filtered += 1
+            self._filtered_this_step += 1
+            self.metrics.groups.inc(tags={"stage": "filtered"})
+            self._top_up()  # its capacity goes to a replacement at once
+            return
         result = await self.queue.put.remote(scored)
         self._pending.pop(request.group_id, None)
         if result == "accepted":
@@ -538,6 +550,26 @@ class TrainingDriver:
             self.metrics.groups.inc(tags={"stage": "refused"})
             log.info("the replay queue refused group %s (%s); a replacement is issued", request.group_id, result)
             self._top_up()
+
+    def _filter_out(self, group: ScoredGroup) -> bool:
+        """Whether a scored group is dropped for carrying no gradient (see `algorithm.filter_uninformative`)."""
+        algorithm = self.config.algorithm
+        if not algorithm.filter_uninformative:
+            return False
+        if self._filtered_this_step >= algorithm.max_filtered_per_step:
+            if self._filtered_this_step == algorithm.max_filtered_per_step:
+                log.warning("%d groups without a gradient signal filtered for step %d; the rest of them are trained "
+                            "on as they come", self._filtered_this_step, self.step + 1)
+                self._filtered_this_step += 1
+            return False
+        scored = [s for s in group.samples if s.reward is not None]
+        if not scored:
+            return False  # nothing to learn from either way; the learner skips it
+        return not bool(informative_groups(
+            [s.reward for s in scored], [s.response_length for s in scored], [s.mode or -1 for s in scored],
+            [group.group_id] * len(scored), estimator=algorithm.estimator, eps=algorithm.adv_eps,
+            tie_tolerance=algorithm.tie_tolerance,
+        )[0])
 
     # ----------------------------------------------------------------------------------------------- learning
 
@@ -554,6 +586,8 @@ class TrainingDriver:
                 return
             self._top_up()
         stats = batch_statistics(groups, self.version)
+        stats["filtered_groups"] = float(self._filtered_this_step)
+        self._filtered_this_step = 0
         step_metrics = await asyncio.to_thread(self.learner.step, groups, self.version)
         self.counts.consumed += len(groups)
         self.metrics.groups.inc(len(groups), tags={"stage": "consumed"})

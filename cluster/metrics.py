@@ -46,7 +46,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("ampo_staleness", "gauge", "driver", "Mean policy-version lag of the groups the last step consumed."),
     MetricSpec("ampo_mode_term_group_ratio", "gauge", "driver", "Share of the last step's groups that get AMPO's mode-level term (no invalid sample, every mode at least twice); the rest are trained as by GRPO.", unit="percentunit"),
     MetricSpec("ampo_groups_in_flight", "gauge", "driver", "Groups issued and not yet in the replay queue."),
-    MetricSpec("ampo_driver_groups_total", "counter", "driver", "Groups per pipeline stage (issued, generated, scored, queued, refused, dropped, consumed).", ("stage",)),
+    MetricSpec("ampo_driver_groups_total", "counter", "driver", "Groups per pipeline stage (issued, generated, scored, queued, refused, dropped, filtered, consumed).", ("stage",)),
     MetricSpec("ampo_logprob_mismatch", "gauge", "driver", "Mean absolute difference between the learner's and the rollout engine's log-prob of the tokens of current-version samples (same weights): numerics or a mismatched sampling distribution; it biases the importance weights.", ()),
     MetricSpec("ampo_unscored_ratio", "gauge", "driver", "Share of the last step's samples that could not be scored (judge failures); a run stops when it stays above reward.max_unscored_ratio.", unit="percentunit"),
     MetricSpec("ampo_eval_goal", "gauge", "driver", "Evaluation GOAL (0–10): `subset` all or hard episodes, `side` actor, opponent or their average.", ("subset", "side")),

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MODES", "ampo_advantages", "grpo_advantages", "mode_term_groups"]
+__all__ = ["MODES", "ampo_advantages", "grpo_advantages", "informative_groups", "mode_term_groups"]
 
 # The four thinking modes, in the code's "Thinking Level" numbering.
 MODES: tuple[int, ...] = (1, 2, 3, 4)
@@ -125,6 +125,41 @@ def mode_term_groups(modes: ArrayLike, group_ids: GroupIds) -> np.ndarray:
     codes, n_groups = _group_codes(group_ids, len(mode_idx))
     _, _, count, invalid_count = _mode_cells(mode_idx, codes, n_groups)
     return _eligible(count, invalid_count)
+
+
+def informative_groups(
+    rewards: ArrayLike,
+    lengths: ArrayLike,
+    modes: ArrayLike,
+    group_ids: GroupIds,
+    *,
+    estimator: str,
+    eps: float = 1e-6,
+    tie_tolerance: float = 1e-8,
+    atol: float = 1e-9,
+) -> np.ndarray:
+    """Which groups carry a policy gradient under ``estimator`` ("ampo" or "grpo"), one bool per group in order of
+    first appearance.
+
+    A group whose samples all get the same advantage ``A`` contributes ``A · Σ_i ∇ log π(y_i)`` with the same weight
+    for every response: for ``A = 0`` (equal rewards, no mode term) nothing at all. So a group is informative when
+    ``max_{i∈G} A_i − min_{i∈G} A_i > atol``, or, for a lone sample, when ``A ≠ 0``. A tie group that gets AMPO's
+    length term is informative under AMPO (its modes differ in advantage) and not under GRPO.
+    """
+    if estimator not in ("ampo", "grpo"):
+        raise ValueError(f"estimator must be 'ampo' or 'grpo', got {estimator!r}")
+    advantages = (
+        ampo_advantages(rewards, lengths, modes, group_ids, eps=eps, tie_tolerance=tie_tolerance)
+        if estimator == "ampo"
+        else grpo_advantages(rewards, group_ids, eps=eps)
+    )
+    codes, n_groups = _group_codes(group_ids, len(advantages))
+    high = np.full(n_groups, -np.inf)
+    low = np.full(n_groups, np.inf)
+    np.maximum.at(high, codes, advantages)
+    np.minimum.at(low, codes, advantages)
+    single = np.bincount(codes, minlength=n_groups) == 1
+    return np.where(single, np.abs(high) > atol, high - low > atol)
 
 
 def _mode_cells(

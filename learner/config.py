@@ -77,6 +77,14 @@ class AlgorithmConfig(BaseModel):
     """Cap C of the truncated importance weight min(exp(old − behaviour), C) for off-policy samples (null: off)."""
     adv_eps: float = Field(1e-6, gt=0)
     """ε added to standard deviations in the advantages."""
+    filter_uninformative: bool = False
+    """Drop a scored group whose samples would all get the same advantage (no gradient: equal rewards and, for
+    AMPO, no mode term) and generate a replacement, so each step trains on `groups_per_step` informative groups
+    (DAPO's dynamic sampling). Dropped groups are counted as `filtered`; at most `max_filtered_per_step` per step,
+    after which groups are trained on as they come (a policy whose groups all fail the format would otherwise
+    refill forever)."""
+    max_filtered_per_step: int = Field(64, ge=0)
+    """Cap on groups filtered while one step's batch is gathered (with `filter_uninformative`)."""
     tie_tolerance: float = Field(1e-8, ge=0)
     """Mode-mean rewards within this of their mean count as tied, selecting the length branch (spec §3.6)."""
 

@@ -59,3 +59,11 @@ def bc_policy(model_dir: Path, out_dir: Path, learner: LearnerConfig | None = No
     learner = learner or LearnerConfig(num_ranks=1, micro_batch_size=4, backend="gloo")
     config = BCConfig(lr=3e-3, warmup_ratio=0.05, epochs=6, batch_size=8, cutoff_len=256)
     return run_bc(config, demo_records(512), model_dir, out_dir, learner=learner, seed=1)
+
+
+def flat_on_half(context: CustomRewardContext) -> float:
+    """1 for every well-formed answer when agent 1's name has an even length (a group there carries no gradient
+    under GRPO unless a sample breaks the format), else `prefer_greeting`."""
+    if len(context.state["agent1_name"]) % 2 == 0:
+        return 1.0
+    return prefer_greeting(context)

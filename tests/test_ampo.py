@@ -307,3 +307,21 @@ def test_mode_term_groups_marks_the_groups_ampo_treats_differently() -> None:
     lengths = np.arange(len(modes), dtype=float) * 10
     differs = ~np.isclose(ampo_advantages(rewards, lengths, modes, ids), grpo_advantages(rewards, ids))
     np.testing.assert_array_equal(differs.reshape(4, 8).any(axis=1), [True, False, False, False])
+
+
+def test_informative_groups_hand_checked():
+    from learner.ampo import informative_groups
+
+    every_mode = [1, 1, 2, 2, 3, 3, 4, 4]
+    rewards = [0.5] * 8 + [0.5] * 8 + [1.0, 0.0, 1.0, 1.0] + [-2.0] * 4 + [0.3]
+    modes = every_mode + [1] * 8 + [1, 1, 2, 2] + [-1] * 4 + [1]
+    lengths = [10, 10, 20, 20, 30, 30, 40, 40] + [10] * 8 + [5] * 4 + [5] * 4 + [5]
+    groups = ["tie-all-modes"] * 8 + ["tie-one-mode"] * 8 + ["varied"] * 4 + ["all-errors"] * 4 + ["lone"]
+    args = (rewards, lengths, modes, groups)
+    # A tie with every mode twice: AMPO's length term separates the modes (informative); GRPO sees only zeros.
+    # One mode only: no mode term, so zeros for both. Varied rewards: both. All −2: zeros for both. A lone
+    # sample: A = 0.3 / (1 + eps) != 0 for both.
+    assert informative_groups(*args, estimator="ampo").tolist() == [True, False, True, False, True]
+    assert informative_groups(*args, estimator="grpo").tolist() == [False, False, True, False, True]
+    with pytest.raises(ValueError, match="estimator"):
+        informative_groups(*args, estimator="ppo")

@@ -124,3 +124,37 @@ def test_metrics_endpoint_serves_the_driver_series(ray_local, tiny_config_path, 
     assert values.get("ray_ampo_policy_version", -1) >= 1
     assert values.get("ray_ampo_rollout_tokens_generated_total", 0) > 0
     assert 0.0 <= values.get("ray_ampo_format_error_ratio", -1) <= 1.0
+
+
+def test_groups_without_a_gradient_are_filtered_and_replaced(ray_local, tiny_config_path, tiny_model_dir, tmp_path, judge):
+    import pyarrow.parquet as pq
+    from rule_rewards import bc_policy, short_prompt_states
+
+    from learner.ampo import informative_groups
+
+    states = short_prompt_states(8)
+    assert len({len(s.agent1_name) % 2 for s in states}) == 2  # both kinds of state are there
+    policy = bc_policy(tiny_model_dir, tmp_path / "bc")
+    driver = make_driver(
+        tiny_config_path, policy, tmp_path, states, judge, "reward.custom_reward=tests.rule_rewards:flat_on_half",
+        "algorithm.estimator=grpo", "algorithm.filter_uninformative=true", "algorithm.total_steps=3",
+        "algorithm.max_staleness=1", "rollout.n=8", "rollout.max_response_tokens=48",
+    )
+    records = []
+    driver.on_step = records.append
+    summary = driver.run()
+    groups = summary["groups"]
+    assert summary["steps"] == 3 and groups["consumed"] == 3 * 2 and groups["filtered"] > 0
+    assert sum(r["filtered_groups"] for r in records) <= groups["filtered"]  # (later ones may wait for a step)
+    # Accounting closes with the filtered groups: every scored group was trained, refused, dropped, filtered or waits.
+    depth = summary["queue"]["depth"]
+    assert groups["issued"] == groups["generated"] == groups["scored"]
+    assert groups["scored"] == groups["consumed"] + groups["refused"] + groups["dropped"] + groups["filtered"] + depth
+    # Every group that reached the queue has a gradient under GRPO.
+    table = pq.read_table(sorted((tmp_path / "run" / "rollouts").glob("*.parquet"))).to_pylist()
+    by_group = {}
+    for row in table:
+        by_group.setdefault(row["group_id"], []).append(row)
+    for rows in by_group.values():
+        assert informative_groups([r["reward"] for r in rows], [1] * len(rows), [r["mode"] or -1 for r in rows],
+                                  [0] * len(rows), estimator="grpo").all()
