@@ -65,6 +65,9 @@ class RewardConfig(BaseModel):
     """Answer length (policy tokens) where the length score is 0.5 (spec §2.4)."""
     length_scale: float = Field(75.0, gt=0)
     """Tokens over which the length score falls from 1 to 0.5 and from 0.5 to 0 (spec §2.4)."""
+    format_error_reward: float = -2.0
+    """Reward of a response that breaks the thinking-mode format (paper: −2). Such a sample also disables AMPO's mode
+    term for its group, whatever this value."""
     judge_failure_as_zero: bool = False
     """Reproduce the reference, which scores a failed judge call 0 (spec §2.5). Off: such a sample is
     marked invalid with its reason and never scored."""

@@ -2,7 +2,7 @@
 
 Per sample (spec §2), in :meth:`RewardScorer.score`:
 
-1. format check (``reward.modes.parse_response``); a broken format earns ``FORMAT_ERROR_REWARD`` (-2) and the
+1. format check (``reward.modes.parse_response``); a broken format earns ``reward.format_error_reward`` (-2) and the
    judge is not asked;
 2. the answer (quoted utterance) and its length ``answer_tokens = len(policy_tokenizer.tokenize(answer))``;
 3. the actor side from the turn's parity (even: agent1) and its prior goal score ``s0`` from the RL state's
@@ -50,7 +50,7 @@ from reward.custom import CustomReward, CustomRewardContext, load_custom_reward
 from reward.judge import GoalScores, JudgeClient, JudgeObserver, JudgeResult, JudgeStats
 from reward.modes import ParsedResponse, parse_response
 from reward.prompts import actor_of_turn, goal_prompt
-from reward.scores import FORMAT_ERROR_REWARD, JUDGE_SCORE_MAX, JUDGE_SCORE_MIN, answer_length_score, combine_reward
+from reward.scores import JUDGE_SCORE_MAX, JUDGE_SCORE_MIN, answer_length_score, combine_reward
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class RewardScorer:
                 goal_progress=None,
                 answer_tokens=None,
                 length_score=None,
-                reward=FORMAT_ERROR_REWARD,
+                reward=self.config.format_error_reward,
                 failure=f"{FORMAT_ERROR_MODE}: {parsed.reason}",
             )
         else:

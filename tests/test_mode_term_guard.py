@@ -1,19 +1,21 @@
 """The science guard: AMPO's mode-level term must do what the paper says it does, through the whole pipeline.
 
-In a tie context every well-formed response earns the same reward, so in a group without format errors GRPO's
-sample-level advantages are all 0 and only AMPO's mode term, in its length branch (shorter modes get
-``tanh(−(l̄_k − μ_l)/σ_l) > 0``), can move the mode mix. The test clones the adaptive-mode experiment's small policy on
-all four modes (``experiments/adaptive_modes.py``), then trains it on tie contexts twice through the real pipeline
-(vLLM rollouts, reward pool, queue, FSDP2 learner, weight push): once with AMPO, once with GRPO, same seed and budget.
+The test makes a total tie: every response earns 1, a broken format included (``reward.format_error_reward=1``,
+where the paper has −2). GRPO's sample-level advantages are then exactly 0 in every group, so GRPO cannot move the
+mode mix at all: it is the negative control. AMPO can move it only through its mode term, whose length branch
+gives shorter modes ``tanh(−(l̄_k − μ_l)/σ_l) > 0`` in groups without a format error. (With the paper's −2, GRPO
+moves too, because format errors fall mostly on the long modes: docs/experiments.md, and a guard built that way
+failed in one seed out of four.) The test clones the adaptive-mode experiment's small policy on all four modes
+(``experiments/adaptive_modes.py``), then trains it on tie contexts twice through the real pipeline (vLLM rollouts,
+reward pool, queue, FSDP2 learner, weight push): once with AMPO, once with GRPO, same seed and budget.
 
 It fails unless
 - AMPO's level-1 share over the last 8 steps is above its first 8 steps' (Welch t-test on the per-step shares,
   p < 0.01), and
 - AMPO's level-1 share over the last 8 steps is above GRPO's over the same steps (Welch, p < 0.01).
 
-GRPO also drifts a little towards level 1, because format errors (−2) fall mostly on the long modes; the second
-condition is what only the mode term can meet. Deleting the mode term makes AMPO train like GRPO, and flipping its
-sign pushes AMPO towards the long modes: both fail (see the closing note of the session that added this test).
+Deleting the mode term leaves AMPO without any gradient, like GRPO, and flipping its sign pushes AMPO towards the
+long modes: both fail (see the closing note of the session that added this test).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ LR = 1e-4
 
 def level1_shares(estimator: str, bc_dir: Path, run_dir: Path, tiny_config_path: Path) -> np.ndarray:
     records: list[dict[str, Any]] = []
-    config = load_config(tiny_config_path, overrides(run_dir, bc_dir, estimator, seed=1, steps=STEPS, lr=LR))
+    config = load_config(
+        tiny_config_path, [*overrides(run_dir, bc_dir, estimator, seed=1, steps=STEPS, lr=LR), "reward.format_error_reward=1.0"]
+    )
     summary = TrainingDriver(config, states(("easy",)), bc_dir, on_step=records.append).run()
     assert summary["steps"] == STEPS
     return np.array([r["mode_fraction/1"] for r in records])

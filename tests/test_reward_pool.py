@@ -102,6 +102,10 @@ def test_custom_reward_replaces_the_judge(tokenizer):
     assert scored.samples[0].reward == 1.0 and scored.samples[0].judge_after is None
     assert scored.samples[1].reward == -2.0
     assert stats.judge.calls == 0
+    # The format-error reward is a setting (the paper's −2 by default); the sample stays invalid for the mode term.
+    flat = config.model_copy(update={"format_error_reward": 1.0})
+    scored, _ = score(flat, tokenizer, make_group([response('"Hi."'), BROKEN_RESPONSE]))
+    assert scored.samples[1].reward == 1.0 and scored.samples[1].mode is None and not scored.samples[1].format_valid
     with pytest.raises(ValueError, match="module:function"):
         RewardScorer(config.model_copy(update={"custom_reward": "no_colon"}), tokenizer)
 
