@@ -53,9 +53,9 @@ def overrides(tiny_model_dir, states_file, judge, run_dir):
         f"rollout.model={tiny_model_dir}",
         f"data.train_states={states_file}",
         f"reward.judge.base_url={judge.base_url}",
-        "reward.judge.model=judge",
+        "reward.judge.model=fault-judge",  # the name the test server lists (the preflight checks it)
         f"eval.judge.base_url={judge.base_url}",
-        "eval.judge.model=judge",
+        "eval.judge.model=fault-judge",
         "eval.max_episodes=1",
         f"cluster.run_dir={run_dir}",
         "algorithm.total_steps=2",

@@ -163,6 +163,9 @@ def test_failed_and_late_pushes_are_reported(ray_local, tiny_model_dir: Path) ->
         def __init__(self, behaviour: str) -> None:
             self.behaviour = behaviour
 
+        def health(self) -> dict:
+            return {"dtype": "float32"}  # the engine dtype the weights are pushed in
+
         def update_weights(self, version: int, weights: bytes) -> bool:
             if self.behaviour == "slow":
                 time.sleep(5)
