@@ -62,8 +62,8 @@ def bc_policy(model_dir: Path, out_dir: Path, learner: LearnerConfig | None = No
 
 
 def flat_on_half(context: CustomRewardContext) -> float:
-    """1 for every well-formed answer when agent 1's name has an even length (a group there carries no gradient
-    under GRPO unless a sample breaks the format), else `prefer_greeting`."""
+    """1 for every well-formed answer when agent 1's name has an even length (with format errors scored 1 too, a
+    group there carries no gradient under GRPO), else `prefer_greeting`."""
     if len(context.state["agent1_name"]) % 2 == 0:
         return 1.0
     return prefer_greeting(context)

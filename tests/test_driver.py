@@ -137,6 +137,9 @@ def test_groups_without_a_gradient_are_filtered_and_replaced(ray_local, tiny_con
     policy = bc_policy(tiny_model_dir, tmp_path / "bc")
     driver = make_driver(
         tiny_config_path, policy, tmp_path, states, judge, "reward.custom_reward=tests.rule_rewards:flat_on_half",
+        # A format error earns 1 too: a group of a flat state is then always a tie (with −2, one broken sample would
+        # give it a gradient, and whether any group is filtered would be left to chance).
+        "reward.format_error_reward=1.0",
         "algorithm.estimator=grpo", "algorithm.filter_uninformative=true", "algorithm.total_steps=3",
         "algorithm.max_staleness=1", "rollout.n=8", "rollout.max_response_tokens=48",
     )
