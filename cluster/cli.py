@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     """`ampo doctor`: the preflight checks alone, one line each; status 2 when one fails."""
-    from cluster.preflight import check_endpoint, endpoint_sections
+    from cluster.preflight import check_endpoints
 
-    checks = [check_endpoint(field, section) for field, section in endpoint_sections(load_config(args.config, args.overrides))]
+    checks = check_endpoints(load_config(args.config, args.overrides))
     for check in checks:
         print(check.line())
     return 0 if all(c.ok for c in checks) else 2

@@ -304,10 +304,11 @@ class TrainingDriver:
         self._pending: dict[str, int] = {}
         self._rollout_buffer: list[ScoredGroup] = []
         self.states_dropped = 0
+        """States left out because their templated prompt is longer than `rollout.max_prompt_tokens`."""
         self._resume_from: Path | None = None
         self._unscored_streak = 0
         self._filtered_this_step = 0
-        """States left out because their templated prompt is longer than `rollout.max_prompt_tokens`."""
+        self._filter_cap_reached = False
         self.metrics = DriverMetrics()
 
     # ----------------------------------------------------------------------------------------------- roles
@@ -557,10 +558,10 @@ class TrainingDriver:
         if not algorithm.filter_uninformative:
             return False
         if self._filtered_this_step >= algorithm.max_filtered_per_step:
-            if self._filtered_this_step == algorithm.max_filtered_per_step:
+            if not self._filter_cap_reached:
                 log.warning("%d groups without a gradient signal filtered for step %d; the rest of them are trained "
                             "on as they come", self._filtered_this_step, self.step + 1)
-                self._filtered_this_step += 1
+                self._filter_cap_reached = True
             return False
         scored = [s for s in group.samples if s.reward is not None]
         if not scored:
@@ -588,6 +589,7 @@ class TrainingDriver:
         stats = batch_statistics(groups, self.version)
         stats["filtered_groups"] = float(self._filtered_this_step)
         self._filtered_this_step = 0
+        self._filter_cap_reached = False
         step_metrics = await asyncio.to_thread(self.learner.step, groups, self.version)
         self.counts.consumed += len(groups)
         self.metrics.groups.inc(len(groups), tags={"stage": "consumed"})

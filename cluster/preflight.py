@@ -82,9 +82,14 @@ def check_endpoint(field: str, section: JudgeConfig, *, timeout_s: float = TIMEO
     return EndpointCheck(field, True, f"{where} answered")
 
 
+def check_endpoints(config: Config, *, training: bool = True) -> list[EndpointCheck]:
+    """Every endpoint a command calls, checked (what `ampo doctor` prints)."""
+    return [check_endpoint(field, section) for field, section in endpoint_sections(config, training=training)]
+
+
 def preflight(config: Config, *, training: bool = True) -> list[EndpointCheck]:
-    """Check every endpoint; raise ConfigError naming the first failed field, else return the checks."""
-    checks = [check_endpoint(field, section) for field, section in endpoint_sections(config, training=training)]
+    """Check every endpoint; raise ConfigError naming the failed fields, else return the checks."""
+    checks = check_endpoints(config, training=training)
     for check in checks:
         log.info("preflight %s", check.line())
     failed = [c for c in checks if not c.ok]
