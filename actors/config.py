@@ -25,7 +25,7 @@ class RolloutConfig(BaseModel):
     max_model_len: int = Field(8192, ge=64)
     """Longest prompt + response the engine accepts (paper: 6144 + 2048)."""
     max_prompt_tokens: int = Field(6144, ge=16)
-    """Prompts longer than this (after the chat template) are dropped from training data (spec §4.4)."""
+    """Prompts longer than this (after the chat template) are dropped from training data (paper: 6144)."""
     max_response_tokens: int = Field(2048, ge=1)
     """Maximum new tokens per sampled response."""
     gpu_memory_utilization: float = Field(0.7, gt=0.0, le=1.0)
@@ -51,7 +51,7 @@ class RolloutConfig(BaseModel):
     top_k: int = -1
     """Top-k during training (-1: off)."""
     eval_temperature: float = Field(0.7, ge=0.0)
-    """Sampling temperature in evaluation episodes (spec §9.16)."""
+    """Sampling temperature in evaluation episodes (paper: 0.7, sampled rather than greedy)."""
     weight_transport: Literal["object_store", "broadcast"] = "object_store"
     """How new policy weights reach the engines: safetensors bytes through the Ray object store (works
     everywhere), or a torch.distributed broadcast group (gloo on CPU, NCCL on GPU)."""
@@ -78,9 +78,11 @@ class DataConfig(BaseModel):
     """Folder in the Sotopia JSON layout (agents.json, envs.json, env_agent_combos.json, sotopia_hard.json);
     null uses the small scenario set bundled with the project (not allowed with `benchmark: sotopia`)."""
     train_states: Path | None = None
-    """RL states (JSON or Parquet, the authors' schema, spec §5.4); null builds them with `ampo build-states`."""
+    """RL states (JSON or Parquet, the authors' schema: docs/protocol.md, RL states); null builds them with
+    `ampo build-states`."""
     bc_data: Path | None = None
-    """Behaviour-cloning records (alpaca JSON, spec §6); null generates them with `ampo make-demos`."""
+    """Behaviour-cloning records (alpaca JSON: docs/protocol.md, BC data); null generates them with
+    `ampo make-demos`."""
     demo_states: int = Field(24, ge=1)
     """Opening states whose demonstrations `ampo make-demos` asks the expert for (each in all four modes) when
     the local flow generates the BC data."""
@@ -88,7 +90,7 @@ class DataConfig(BaseModel):
     """Episodes self-played by `ampo build-states` in the local flow (null: every scenario episode)."""
     hide_private_info: bool = False
     """Hide the other agent's secret and personality as original Sotopia does. False is faithful to AMPO,
-    whose prompts leak them (spec §9.11)."""
+    whose prompts leak them."""
     shuffle: bool = True
     """Shuffle RL states each epoch."""
     seed: int = 1

@@ -1,6 +1,7 @@
-"""The Sotopia turn prompt (spec §1.5): what a speaker sees at each turn of an episode.
+"""The Sotopia turn prompt: what a speaker sees at each turn of an episode.
 
-The user message is the concatenation of
+The wording lives in template files (``prompts/turn.txt`` and ``prompts/background.txt`` by default; the config's
+``prompts`` section can point elsewhere). The shipped turn template is the concatenation of
 
 1. a five-line persona prefix naming the speaker, then a blank line;
 2. the background block (scenario, participants, both bios, the speaker's goal and ``Unknown`` for the other's);
@@ -10,14 +11,15 @@ The user message is the concatenation of
    last entry is the open slot ``Turn t: <name> said:`` of the speaker.
 
 Agent 1 speaks on even turns, agent 2 on odd turns. The persona lines and the turn instruction say what the
-authors' prompt says in our own words; the structural parts (background lines, bio template, dialogue lines) are
-exact, because the judge, the RL states and the trained model all depend on that layout.
+authors' prompt says in our own words; the structural parts (background lines, bio, dialogue lines) follow the
+authors' layout exactly, because the judge, the RL states and the trained model all depend on it. The bio sentence
+and the dialogue lines are built here, not in a template: they are data layout, not prompt wording.
 
 Sotopia marks up its data with tags: goals carry ``<extra_info>``, ``<strategy_hint>`` and
 ``<clarification_hint>``, a scenario may carry ``<p viewer="environment">`` (facts only the environment knows), and
 original Sotopia wraps the private parts of a bio in ``<p viewer='agent_i'>``. AMPO removes every tag with a regex and
 keeps the content, so each agent also reads the other's personality and secret and the environment-only facts
-(spec §9.11). That is the default here (``hide_private_info=False``). With ``hide_private_info=True`` the renderer
+(as in the authors' code). That is the default here (``hide_private_info=False``). With ``hide_private_info=True`` the renderer
 does what original Sotopia shows each agent:
 
 * the other agent's bio is cut by relationship: strangers see nothing of it, agents who know each other by name see
@@ -28,8 +30,7 @@ does what original Sotopia shows each agent:
 
 Goal hints stay visible to their owner in both cases; the other agent's goal is always ``Unknown``.
 
-This module returns the user message only. The system prompt (``reward.modes.SYSTEM_PROMPT``) is prepended by
-whoever builds the chat, because ``actors/`` imports no other role.
+This module returns the user message only; whoever builds the chat prepends the system prompt (``prompts.system``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import re
 
 from actors.sotopia import AgentProfile, EnvironmentProfile, Relationship
+from prompts import DEFAULT_PROMPTS, PromptSet
 
 _TAG = re.compile(r"<[^<>]*>")
 _VIEWER_ELEMENT = re.compile(r"<p\s+viewer\s*=\s*(['\"])(.*?)\1\s*>(.*?)</p>", re.DOTALL)
@@ -52,24 +54,6 @@ _VISIBLE_BIO_PARTS = {
     Relationship.ROMANTIC: 3,
     Relationship.FAMILY: 3,
 }
-
-_PERSONA = (
-    "Put yourself in the shoes of {name} and speak and act exactly as {name} would, with {name}'s social goal "
-    "always in mind.\n"
-    "{name}'s goal is written in the 'Here is the context of this interaction' part below.\n"
-    "Only you can see this goal; the other participant does not know it.\n"
-    "Work towards the goal in a way that fits {name}'s character and traits.\n"
-    "Keep the conversation natural and believable, and do not simply repeat what the others have already said.\n"
-)
-
-_TURN_INSTRUCTION = (
-    "You are at Turn {turn}. Say something to continue the interaction, or just say 'left the conversation' "
-    "to end it.\n"
-    "Leave only when your goal is achieved, when you feel uncomfortable, when the conversation has become "
-    "uninteresting or you have run out of patience, or for some other good reason.\n"
-    'Put your reply inside quotation marks, like this: "your response content"\n'
-)
-
 
 def speaker_of(turn: int) -> int:
     """Which agent speaks at a turn: 1 on even turns (agent 1 opens the episode), 2 on odd turns."""
@@ -116,8 +100,9 @@ def render_background(
     agent2: AgentProfile,
     viewer: int | None,
     hide_private_info: bool = False,
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> str:
-    """The background block, tags removed and stripped.
+    """The background block (template ``prompts.background``), tags removed and stripped.
 
     ``viewer`` 1 or 2 renders what that agent sees: its own goal and ``Unknown`` for the other's. ``None`` renders the
     omniscient view with both goals (the evaluator's ``complete_intro``); nothing is hidden from it, so
@@ -136,21 +121,18 @@ def render_background(
             scenario = _visible_to(scenario, viewer)
             goals[viewer - 1] = _visible_to(goals[viewer - 1], viewer)
             bios[other] = _bio_seen_by_other(agents[other], env.relation)
-    lines = [
-        "Here is the context of this interaction:",
-        f"Scenario: {scenario}",
-        f"Participants: {agent1.name} and {agent2.name}",
-        f"{agent1.name}'s background: {bios[0]}",
-        f"{agent2.name}'s background: {bios[1]}",
-        f"{agent1.name}'s goal: {goals[0]}",
-        f"{agent2.name}'s goal: {goals[1]}",
-    ]
-    return remove_tags("\n".join(lines)).strip()
+    block = prompts.background.render(
+        scenario=scenario, agent1_name=agent1.name, agent2_name=agent2.name, agent1_background=bios[0],
+        agent2_background=bios[1], agent1_goal=goals[0], agent2_goal=goals[1],
+    )
+    return remove_tags(block).strip()
 
 
-def complete_intro(env: EnvironmentProfile, agent1: AgentProfile, agent2: AgentProfile) -> str:
-    """The full background with both goals, tags removed and no persona prefix: the evaluator's view (spec §5.3)."""
-    return render_background(env, agent1, agent2, viewer=None)
+def complete_intro(
+    env: EnvironmentProfile, agent1: AgentProfile, agent2: AgentProfile, prompts: PromptSet = DEFAULT_PROMPTS
+) -> str:
+    """The full background with both goals, tags removed and no persona prefix: the evaluator's view."""
+    return render_background(env, agent1, agent2, viewer=None, prompts=prompts)
 
 
 def open_slot(turn: int, name: str) -> str:
@@ -163,7 +145,7 @@ def dialog_line(turn: int, name: str, utterance: str) -> str:
 
     ``utterance`` is already in its quoted form (``"..."``), as ``reward.modes.extract_utterance`` and
     ``extract_partner_utterance`` return it. The trailing newline is part of the line, so joining lines with
-    ``"\\n"`` leaves a blank line between turns (spec §1.5)."""
+    ``"\\n"`` leaves a blank line between turns, as in the authors' prompts."""
     return f"{open_slot(turn, name)} {utterance}\n"
 
 
@@ -174,8 +156,10 @@ def render_turn_prompt(
     turn: int,
     dialog: list[str],
     hide_private_info: bool = False,
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> str:
-    """The user message of the agent speaking at ``turn``.
+    """The user message of the agent speaking at ``turn`` (template ``prompts.turn``, with the speaker's background
+    from ``prompts.background`` and the dialogue lines joined by newlines).
 
     ``dialog`` is the finished lines followed by the speaker's open slot (``open_slot(turn, name)``); a mismatch means
     the caller lost track of whose turn it is, so it is an error rather than a silently wrong prompt.
@@ -186,13 +170,5 @@ def render_turn_prompt(
     if not dialog or dialog[-1] != expected_slot:
         found = repr(dialog[-1]) if dialog else "an empty dialogue"
         raise ValueError(f"the dialogue must end with the open slot {expected_slot!r} of turn {turn}, found {found}")
-    background = render_background(env, agent1, agent2, viewer=speaker, hide_private_info=hide_private_info)
-    return (
-        _PERSONA.format(name=name)
-        + "\n"
-        + background
-        + "\n"
-        + _TURN_INSTRUCTION.format(turn=turn)
-        + "\n"
-        + "\n".join(dialog)
-    )
+    background = render_background(env, agent1, agent2, viewer=speaker, hide_private_info=hide_private_info, prompts=prompts)
+    return prompts.turn.render(name=name, turn=turn, background=background, dialog="\n".join(dialog))

@@ -115,7 +115,7 @@ class ScoredSample:
 
     @property
     def response_length(self) -> int:
-        """Full response tokens (thinking + answer + EOS): AMPO's length measure (spec §3.1)."""
+        """Full response tokens (thinking + answer + EOS): AMPO's length measure."""
         return len(self.sample.response_token_ids)
 
 

@@ -1,4 +1,4 @@
-"""Sotopia scenario data: typed profiles and episodes, loaded from the Sotopia JSON layout (spec §5.1).
+"""Sotopia scenario data: typed profiles and episodes, loaded from the Sotopia JSON layout.
 
 A scenario folder holds four files:
 
@@ -244,7 +244,7 @@ class SotopiaDataset:
         return self.envs[combo.env_id], self.agents[combo.agent_ids[0]], self.agents[combo.agent_ids[1]]
 
     def is_hard(self, episode_id: int) -> bool:
-        """Whether an episode id belongs to the hard subset (by real episode id, spec §9.19)."""
+        """Whether an episode id belongs to the hard subset (by real episode id, never by list position)."""
         return episode_id in self._hard
 
     def episodes(self, hard_only: bool = False) -> list[int]:

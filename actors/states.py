@@ -1,4 +1,4 @@
-"""RL states: frozen Sotopia dialogue prefixes the policy answers one utterance at a time (spec §0, §5.4).
+"""RL states: frozen Sotopia dialogue prefixes the policy answers one utterance at a time (docs/protocol.md, RL states).
 
 Two on-disk layouts are read, both as JSON (a list or JSON lines) or Parquet:
 
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from actors.jsonrows import read_json_rows
 from actors.prompts import dialog_line, open_slot, remove_tags, render_turn_prompt, speaker_of
 from actors.sotopia import SotopiaDataset
+from prompts import DEFAULT_PROMPTS, PromptSet
 
 
 class StateScores(BaseModel):
@@ -113,6 +114,14 @@ def chat_token_counter(model_path: str | Path) -> Callable[[list[dict[str, str]]
         return len(ids)
 
     return count
+
+
+def text_token_counter(model_path: str | Path) -> Callable[[str], int]:
+    """The number of tokens the policy's tokenizer makes of a piece of generated text (no special tokens)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def fit_states(
@@ -269,7 +278,7 @@ TRAINING_ROW_SCHEMA = pa.schema(
 
 
 def training_rows(states: Iterable[RLState], system_prompt: str, split: str = "train") -> list[dict[str, Any]]:
-    """States as rows of the authors' training Parquet (spec §5.4)."""
+    """States as rows of the authors' training Parquet (docs/protocol.md, RL states)."""
     rows = []
     for index, state in enumerate(states):
         rows.append(
@@ -331,6 +340,7 @@ def make_state(
     *,
     rollout: int = 0,
     hide_private_info: bool = False,
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> RLState:
     """The state at turn `len(utterances)` of episode `episode_id`: the dialogue so far (quoted utterances,
     agent1 first) plus the open slot of whoever speaks next, with the judge's goal scores `prior` of it."""
@@ -343,7 +353,7 @@ def make_state(
         env_id=episode_id,
         turn=turn,
         dialog=tuple(dialog),
-        instruction=render_turn_prompt(env, agent1, agent2, turn, dialog, hide_private_info=hide_private_info),
+        instruction=render_turn_prompt(env, agent1, agent2, turn, dialog, hide_private_info, prompts),
         agent1_name=agent1.name,
         agent2_name=agent2.name,
         agent1_goal=remove_tags(env.agent_goals[0]),

@@ -31,12 +31,12 @@ On this machine that chain takes 0.7-1.0 s: in the pipeline a group's generation
 push lands on the engine every step and the other roles share its core. With 2 groups × 4 samples per step the
 learner's step is 0.22 s, and it waits for data on about one step in five even at ``max_staleness: 4`` (efficiency
 0.79-0.80 measured at 3 and at 4); with 4 groups per step (0.40 s) efficiency was 0.90 at ``max_staleness: 2`` and
-0.94 at 3. The paper's steps are far larger still (16 prompts × 16 responses, spec §4.2), which only widens the
+0.94 at 3. The paper's steps are far larger still (16 prompts × 16 responses), which only widens the
 margin. AReaL runs with bounds of 4-8 for the same reason. Both rates are printed per run, with the learner's own
 step time inside the pipeline next to its time alone, so a shortfall shows whether the driver or the shared cores
 cost it (``--groups-per-step`` and ``--staleness`` reproduce the other settings).
 
-Why a behaviour-cloned model: the judge is only asked about well-formed responses (spec §1.3); a random model never
+Why a behaviour-cloned model: the judge is only asked about well-formed responses; a random model never
 produces one, so its groups would skip the judge and the judge latency would not be measured at all. The script
 therefore first clones a fixed level-1 response (about 70 tokens, then end of turn) into the random model with
 about a hundred plain AdamW steps on the bench's prompts, and the RL learning rate is kept tiny so the policy keeps that format during the run. The share

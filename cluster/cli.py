@@ -131,7 +131,9 @@ def _train(args: argparse.Namespace) -> int:
             eval_url, eval_model = base_url, model  # one local server serves both roles
         else:
             eval_url, eval_model = stack.enter_context(judge_endpoint(config.eval.judge, config, what="evaluator"))
-        evaluation = driver_evaluation(config, judge=Endpoint(eval_url, eval_model), out_dir=config.cluster.run_dir / "eval")
+        evaluation = driver_evaluation(
+            config, judge=Endpoint(eval_url, eval_model), out_dir=config.cluster.run_dir / "eval", tokenizer_path=policy
+        )
         driver = TrainingDriver(config, states, policy, judge_url=base_url, judge_model=model, evaluate=evaluation)
         summary = driver.run()
     print(json.dumps(summary, indent=2))

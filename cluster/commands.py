@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from cluster.config import Config, ConfigError, load_config
+from cluster.config import ChatModelConfig, Config, ConfigError, load_config
 from cluster import stages
 
 log = logging.getLogger("ampo")
@@ -247,22 +247,28 @@ def _bc(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cluster.pipeline import evaluate, open_endpoint
+    from cluster.pipeline import Endpoint, evaluate, open_endpoint
     from cluster.preflight import preflight
 
     config = _config(args)
     preflight(config, training=False)
-    partner_section = config.eval.partner
+    partner_section, policy_section = config.eval.partner, config.eval.policy
+    if policy_section is not None and args.policy is not None:
+        raise ConfigError("eval.policy names an API model as the evaluated policy; drop --policy, or set eval.policy=null")
     mode = "self_play" if partner_section is None else "vs_partner"
-    out = args.out or stages.eval_path(config, args.policy or config.rollout.model, mode, args.subset)
+    policy_name = policy_section.model if policy_section is not None else args.policy or config.rollout.model
+    out = args.out or stages.eval_path(config, policy_name, mode, args.subset)
     with ExitStack() as stack:
         judge = stack.enter_context(open_endpoint(config.eval.judge, config.rollout, what="episode evaluator"))
-        partner = None
-        if partner_section is not None:
-            same_local = (partner_section.base_url, partner_section.model) == (config.eval.judge.base_url, config.eval.judge.model) == ("local", "local")
-            partner = judge if same_local else stack.enter_context(open_endpoint(partner_section, config.rollout, what="partner"))
+
+        def endpoint(section: ChatModelConfig, what: str) -> Endpoint:
+            same_local = (section.base_url, section.model) == (config.eval.judge.base_url, config.eval.judge.model) == ("local", "local")
+            return judge if same_local else stack.enter_context(open_endpoint(section, config.rollout, what=what))
+
+        partner = endpoint(partner_section, "partner") if partner_section is not None else None
+        policy = endpoint(policy_section, "evaluated policy") if policy_section is not None else None
         result = evaluate(
-            config, judge=judge, out_path=out, policy_path=args.policy, partner=partner,
+            config, judge=judge, out_path=out, policy_path=args.policy, policy=policy, partner=partner,
             hard_only=args.subset == "hard",
             max_episodes=args.max_episodes if args.max_episodes is not None else config.eval.max_episodes,
             episodes=args.episodes,

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import DataConfig, RolloutConfig
 from learner.config import AlgorithmConfig, BCConfig, LearnerConfig
+from prompts import PromptSet, TemplateError
+from prompts import default_path as default_prompt_path
 from reward.config import JudgeConfig, RewardConfig
 
 
@@ -59,8 +61,9 @@ class ClusterConfig(BaseModel):
     """Global seed (torch, numpy, python)."""
 
 
-class PartnerConfig(JudgeConfig):
-    """The partner of vs-partner evaluations: an endpoint like the judge's, plus how its replies are sampled."""
+class ChatModelConfig(JudgeConfig):
+    """A model behind an OpenAI-compatible chat API that plays in episodes (the partner of vs-partner evaluations, or
+    an API model as the evaluated policy): an endpoint like the judge's, plus how its replies are sampled."""
 
     temperature: float = Field(0.0, ge=0)
     """Sampling temperature of the partner's replies (paper: 0 for GPT-4o; the authors' configs use 0.7 for the
@@ -70,24 +73,70 @@ class PartnerConfig(JudgeConfig):
 
 
 class EvalConfig(BaseModel):
-    """Sotopia evaluation: full episodes judged on 7 dimensions (spec §5)."""
+    """Sotopia evaluation: full episodes judged on 7 dimensions (docs/protocol.md, Evaluation)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     every_steps: int = Field(50, ge=0)
     """Evaluate every this many learner steps (0: only before and after training)."""
     full_every_steps: int = Field(150, ge=0)
-    """At multiples of this, evaluate all episodes instead of the hard subset (spec §5.6)."""
+    """At multiples of this, evaluate all episodes instead of the hard subset (the authors' validation schedule)."""
     hard_only: bool = True
     """Periodic evaluations play only the hard subset."""
     max_turns: int = Field(20, ge=1)
-    """Utterances per episode (spec §5.2)."""
+    """Utterances per episode (Sotopia: 20)."""
     max_episodes: int | None = Field(None, ge=1)
     """Cap on episodes per evaluation (null: all)."""
     judge: JudgeConfig = JudgeConfig(max_tokens=4096)
     """Episode evaluator (paper: gpt-4o-2024-08-06, temperature 0)."""
-    partner: PartnerConfig | None = None
+    partner: ChatModelConfig | None = None
     """Partner model reached through an OpenAI-compatible API; null plays self-play."""
+    policy: ChatModelConfig | None = None
+    """The evaluated policy as a model behind an OpenAI-compatible API (Table 1's API-model rows, e.g. GPT-4o);
+    null evaluates `rollout.model` (or the checkpoint given to `ampo eval --policy`) on a local vLLM engine."""
+    thinking: bool = True
+    """The evaluated policy gets the thinking system prompt (`prompts.system`) and its utterance is its answer block;
+    false evaluates it as a plain instruct model (Table 1's base rows): user message only, its quoted reply read as
+    the partner's is."""
+
+
+class PromptsConfig(BaseModel):
+    """Every text the system sends to a model is a template file: `ampo:<name>.txt` is the project's own file
+    (shipped in the package's `prompts/` folder), any other value a path. Templates are Jinja2 text (`{{ name }}`
+    inserts a value); one that uses an unknown value or misses a required one stops the run at start-up, naming the
+    file. docs/fidelity.md lists what each template holds, side by side with the authors' prompts."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    system: str = default_prompt_path("system")
+    """The policy's system prompt: the four thinking modes and the output format (no values)."""
+    turn: str = default_prompt_path("turn")
+    """The speaker's user message at one turn. Values: background, dialog (required), name, turn."""
+    background: str = default_prompt_path("background")
+    """The scenario block of the turn prompt and of the evaluator's intro. Values: scenario, agent1_goal, agent2_goal
+    (required), agent1_name, agent2_name, agent1_background, agent2_background."""
+    goal_judge: str = default_prompt_path("goal_judge")
+    """The reward judge's goal-progress question. Values: history, agent1_goal, agent2_goal (required), agent1_name,
+    agent2_name."""
+    evaluator: str = default_prompt_path("evaluator")
+    """The 7-dimension episode evaluator's question, rubric included. Values: intro, dialog (required), schema."""
+    reformat: str = default_prompt_path("reformat")
+    """The one retry of an evaluator answer that did not parse. Values: text (required), schema."""
+    demo: str = default_prompt_path("demo")
+    """The expert's request for one demonstration. Values: turn_prompt, keys (required), level, mode_name, sections,
+    example."""
+
+    @model_validator(mode="after")
+    def _templates_check(self) -> PromptsConfig:
+        try:
+            self.load()
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def load(self) -> PromptSet:
+        """The checked templates."""
+        return PromptSet.load(self.model_dump())
 
 
 class LoggingConfig(BaseModel):
@@ -126,6 +175,8 @@ class Config(BaseModel):
     """Scenarios, RL states, demonstrations."""
     eval: EvalConfig = EvalConfig()
     """Sotopia evaluation."""
+    prompts: PromptsConfig = PromptsConfig()
+    """Prompt templates."""
     logging: LoggingConfig = LoggingConfig()
     """Logs and metrics."""
 
@@ -144,6 +195,7 @@ EXPERIMENT_FIELDS: tuple[str, ...] = (
     "reward.judge.model", "reward.length_target", "reward.length_scale", "reward.judge_failure_as_zero",
     "reward.custom_reward",
     "data.train_states", "data.shuffle", "data.seed", "cluster.seed",
+    "prompts.system", "prompts.turn", "prompts.background", "prompts.goal_judge",
 )
 """The fields that define an experiment: a checkpoint resumes only into a config that agrees on all of them.
 Everything else (placement, sizes of pools, timeouts, logging, `algorithm.total_steps`) may change on resume."""

@@ -1,6 +1,6 @@
 """The asynchronous AMPO training driver: the one place where the roles meet.
 
-Data flow (ARCHITECTURE.md): RL states → group requests → rollout actors (vLLM) → reward pool (judge) →
+Data flow: RL states → group requests → rollout actors (vLLM) → reward pool (judge) →
 replay queue → learner group (FSDP2) → weights pushed back to the rollout actors.
 
 How the driver keeps every stage busy and every group accounted for:
@@ -56,7 +56,7 @@ from learner.checkpoint import read_checkpoint, resolve_resume
 from learner.group import LearnerGroup
 from learner.publish import PushReport
 from learner.queue import create_replay_queue
-from reward.modes import MODES, SYSTEM_PROMPT
+from reward.modes import MODES
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def eval_goal_series(results: dict[str, float]) -> list[tuple[float, dict[str, s
 
 
 def batch_statistics(groups: Sequence[ScoredGroup], version: int) -> dict[str, float]:
-    """Reward, format and mode statistics of the groups one learner step consumes (spec §2.5's logged metrics)."""
+    """Reward, format and mode statistics of the groups one learner step consumes (those the authors' code logs)."""
     samples = [s for g in groups for s in g.samples]
     rewards = [s.reward for s in samples if s.reward is not None]
     stats: dict[str, float] = {
@@ -283,6 +283,7 @@ class TrainingDriver:
         on_step: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.config = config
+        self.prompts = config.prompts.load()
         self.states = list(states)
         self.policy_path = Path(policy_path)
         self.judge_url = judge_url
@@ -343,6 +344,7 @@ class TrainingDriver:
             base_url=self.judge_url,
             model=self.judge_model,
             num_cpus=config.cluster.reward_cpus_per_actor,
+            prompts=self.prompts,
         )
         capacity = (config.algorithm.max_staleness + 1) * config.algorithm.groups_per_step
         self.queue = create_replay_queue(capacity, config.algorithm.max_staleness)
@@ -407,7 +409,14 @@ class TrainingDriver:
         and say how many (the same data and tokenizer give the same list, so a resumed run's cursor still fits)."""
         limit = self.config.rollout.max_prompt_tokens
         total = len(self.states)
-        self.states, self.states_dropped = fit_states(self.states, chat_token_counter(self.policy_path), limit, SYSTEM_PROMPT)
+        system = self.prompts.system.render()
+        other = sum(state.system_prompt is not None and state.system_prompt != system for state in self.states)
+        if other:
+            log.warning("%d of %d RL states carry a system prompt other than prompts.system (%s); they keep their own. "
+                        "`ampo data check` shows the first difference", other, total, self.prompts.system.source)
+        self.states, self.states_dropped = fit_states(
+            self.states, chat_token_counter(self.policy_path), limit, system
+        )
         if self.states_dropped:
             log.warning("dropped %d of %d RL states whose templated prompt is longer than rollout.max_prompt_tokens=%d",
                         self.states_dropped, total, limit)
@@ -495,7 +504,7 @@ class TrainingDriver:
         request = GroupRequest(
             group_id=f"g{group_index}",
             state_id=state.state_id,
-            messages=tuple(state.messages(state.system_prompt or SYSTEM_PROMPT)),
+            messages=tuple(state.messages(state.system_prompt or self.prompts.system.render())),
             sampling=SamplingSpec(
                 n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                 max_tokens=rollout.max_response_tokens,

@@ -1,14 +1,17 @@
-"""Full Sotopia episodes, played turn by turn between the trained policy and itself or a partner model (spec §5.2).
+"""Full Sotopia episodes, played turn by turn between the trained policy and itself or a partner model
+(docs/protocol.md, Evaluation).
 
-Used by the evaluation (episodes judged on 7 dimensions, spec §5.3) and by the RL state builder (prefixes of played
+Used by the evaluation (episodes judged on 7 dimensions) and by the RL state builder (prefixes of played
 episodes). It is orchestration, so it lives in ``cluster/``: it needs the policy served by the rollout actors, an
 OpenAI-compatible partner and the utterance extraction of ``reward.modes``.
 
 **Mechanics.** Agent 1 speaks on even turns, agent 2 on odd turns. Every step batches *all* unfinished episodes: the
 turns the trained model plays go to the :class:`Policy` in one call, the partner's turns to the :class:`Partner` in
-another, and both calls run concurrently. The model gets ``reward.modes.SYSTEM_PROMPT`` as system message and the turn
-prompt (``actors.prompts``) as user message; its utterance is ``extract_utterance(raw)``. The partner gets only the
-user message (no system prompt) and its utterance is ``extract_partner_utterance(raw)``. An episode ends
+another, and both calls run concurrently. The model gets the thinking system prompt (template ``prompts.system``) as
+system message and the turn prompt (``actors.prompts``, templates ``prompts.turn`` and ``prompts.background``) as user
+message; its utterance is ``extract_utterance(raw)``. The partner gets only the user message (no system prompt) and
+its utterance is ``extract_partner_utterance(raw)``; so does the model in a no-thinking baseline (``thinking=False``:
+an instruct model evaluated as it is, Table 1's base rows). An episode ends
 
 * when the new dialogue line mentions leaving (``reward.modes.is_leaving``; ``end_reason="left"``);
 * after ``max_turns`` utterances (``"max_turns"``);
@@ -19,7 +22,7 @@ user message (no system prompt) and its utterance is ``extract_partner_utterance
 episode). With a partner every episode is played twice, once with the model as agent 1 and once as agent 2, so a
 run yields two records per episode id.
 
-**Results and resume.** One :class:`EpisodeRecord` per finished episode (the fields of spec §5.5 plus the extracted
+**Results and resume.** One :class:`EpisodeRecord` per finished episode (the authors' result fields plus the extracted
 utterances, the modes and the response token counts) is appended to a JSONL file, flushed and fsynced, as soon as
 the episode ends, instead of rewriting one JSON file after every step as the reference does: an append costs one
 line however long the run is. Restarting a run on the same file skips every episode already in it. Episodes that
@@ -54,7 +57,8 @@ from actors.prompts import (
     speaker_of,
 )
 from actors.sotopia import AgentProfile, EnvironmentProfile, SotopiaDataset
-from reward.modes import SYSTEM_PROMPT, extract_partner_utterance, extract_utterance, is_leaving, parse_response
+from prompts import DEFAULT_PROMPTS, PromptSet
+from reward.modes import END_THINKING, extract_partner_utterance, extract_utterance, is_leaving, parse_response
 from reward.evaluator import RunMode
 
 log = logging.getLogger(__name__)
@@ -93,12 +97,14 @@ TokenCounter = Callable[[list[Message]], int]
 
 
 class EpisodeRecord(BaseModel):
-    """One finished episode (spec §5.5). The per-turn lists are aligned: entry k belongs to turn k.
+    """One finished episode (the authors' result fields and ours). The per-turn lists are aligned: entry k belongs to turn k.
 
     ``env_id`` is the real episode id (index into ``env_agent_combos.json``). ``modes`` holds the thinking mode of the
     model's turns (``None`` for an invalid format and for the partner's turns); ``response_tokens`` the token count of
-    the model's turns when the policy reports it. ``agent1_intro``/``agent2_intro`` are the backgrounds each agent saw.
-    ``agent1_scores``/``agent2_scores`` (dimension -> [reasoning, score]) and ``evaluation_error`` are filled by the
+    the model's turns when the policy reports it; ``thinking_tokens`` the tokens of a well-formed turn's thinking
+    (header through the end-of-thinking tag; 0 in mode 1) when the runner can count them. ``agent1_intro``/``agent2_intro`` are the backgrounds each agent saw.
+    ``thinking`` is False for a policy evaluated without thinking modes. ``agent1_scores``/``agent2_scores``
+    (dimension -> [reasoning, score]) and ``evaluation_error`` are filled by the
     evaluator hook, which may also attach further fields of its own: they round-trip through the results file.
     """
 
@@ -121,9 +127,11 @@ class EpisodeRecord(BaseModel):
     utterances: list[str]
     modes: list[int | None]
     response_tokens: list[int | None]
+    thinking_tokens: list[int | None] = []
     end_reason: EndReason
     max_turns: int
     hide_private_info: bool
+    thinking: bool = True
     agent1_scores: dict[str, tuple[str, int]] | None = None
     agent2_scores: dict[str, tuple[str, int]] | None = None
     evaluation_error: str | None = None
@@ -187,6 +195,7 @@ class _Play:
     utterances: list[str] = field(default_factory=list)
     modes: list[int | None] = field(default_factory=list)
     response_tokens: list[int | None] = field(default_factory=list)
+    thinking_tokens: list[int | None] = field(default_factory=list)
     end_reason: EndReason | None = None
 
     @property
@@ -197,13 +206,16 @@ class _Play:
     def model_agent(self) -> int:
         return 1 if self.actor_role == "agent1" else 2
 
-    def add_turn(self, raw: str, utterance: str, mode: int | None, num_tokens: int | None) -> None:
+    def add_turn(
+        self, raw: str, utterance: str, mode: int | None, num_tokens: int | None, thinking_tokens: int | None = None
+    ) -> None:
         name = (self.agent1, self.agent2)[speaker_of(self.turn) - 1].name
         self.dialog.append(dialog_line(self.turn, name, utterance))
         self.fullout.append(raw)
         self.utterances.append(utterance)
         self.modes.append(mode)
         self.response_tokens.append(num_tokens)
+        self.thinking_tokens.append(thinking_tokens)
 
 
 @dataclass
@@ -221,6 +233,9 @@ class EpisodeRunner:
     ``partner=None`` is self-play. ``count_tokens=None`` disables the prompt-length cut-off; when given, it measures
     every speaker's chat, the partner's included. ``max_active`` bounds the episodes in play at once (``None``: all
     of them); finished ones are replaced from the queue, so each step still batches every episode in play.
+    ``prompts`` are the run's templates. ``thinking=False`` evaluates the policy without thinking modes: no system
+    prompt, and its reply is read as the partner's is. ``count_text`` (the policy tokenizer's token count of a text)
+    measures each well-formed turn's thinking; None records no thinking counts.
     """
 
     policy: Policy
@@ -231,6 +246,9 @@ class EpisodeRunner:
     hide_private_info: bool = False
     max_active: int | None = None
     evaluate: Evaluator | None = None
+    prompts: PromptSet = DEFAULT_PROMPTS
+    thinking: bool = True
+    count_text: Callable[[str], int] | None = None
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
@@ -312,11 +330,11 @@ class EpisodeRunner:
             name = (play.agent1, play.agent2)[speaker - 1].name
             slot = open_slot(play.turn, name)
             user = render_turn_prompt(play.env, play.agent1, play.agent2, play.turn, [*play.dialog, slot],
-                                      hide_private_info=self.hide_private_info)
+                                      hide_private_info=self.hide_private_info, prompts=self.prompts)
             model_speaks = self.partner is None or speaker == play.model_agent
             messages = [{"role": "user", "content": user}]
-            if model_speaks:
-                messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+            if model_speaks and self.thinking:
+                messages.insert(0, {"role": "system", "content": self.prompts.system.render()})
             if self.count_tokens is not None and self.count_tokens(messages) > self.max_prompt_tokens:
                 play.dialog.append(slot)
                 play.end_reason = "prompt_too_long"
@@ -326,7 +344,11 @@ class EpisodeRunner:
         generations, replies = await asyncio.gather(self._ask_policy(by_model), self._ask_partner(by_partner))
         for turn, generation in zip(by_model, generations, strict=True):
             raw = generation.text
-            turn.play.add_turn(raw, extract_utterance(raw), parse_response(raw).mode, generation.num_tokens)
+            if self.thinking:
+                mode = parse_response(raw).mode
+                turn.play.add_turn(raw, extract_utterance(raw), mode, generation.num_tokens, self._thinking_tokens(raw, mode))
+            else:
+                turn.play.add_turn(raw, extract_partner_utterance(raw), None, generation.num_tokens)
         for turn, raw in zip(by_partner, replies, strict=True):
             turn.play.add_turn(raw, extract_partner_utterance(raw), None, None)
 
@@ -335,6 +357,11 @@ class EpisodeRunner:
                 turn.play.end_reason = "left"
             elif turn.play.turn >= self.max_turns:
                 turn.play.end_reason = "max_turns"
+
+    def _thinking_tokens(self, raw: str, mode: int | None) -> int | None:
+        if mode is None or self.count_text is None:
+            return None
+        return 0 if mode == 1 else self.count_text(raw[: raw.index(END_THINKING) + len(END_THINKING)])
 
     async def _ask_policy(self, turns: list[_Turn]) -> Sequence[Generation]:
         if not turns:
@@ -363,21 +390,23 @@ class EpisodeRunner:
             run_mode=self.run_mode,
             hard=dataset.is_hard(play.episode_id),
             codename=env.codename,
-            complete_intro=complete_intro(env, agent1, agent2),
+            complete_intro=complete_intro(env, agent1, agent2, self.prompts),
             agent1_name=agent1.name,
             agent2_name=agent2.name,
             agent1_goal=remove_tags(env.agent_goals[0]),
             agent2_goal=remove_tags(env.agent_goals[1]),
-            agent1_intro=render_background(env, agent1, agent2, viewer=1, hide_private_info=self.hide_private_info),
-            agent2_intro=render_background(env, agent1, agent2, viewer=2, hide_private_info=self.hide_private_info),
+            agent1_intro=render_background(env, agent1, agent2, 1, self.hide_private_info, self.prompts),
+            agent2_intro=render_background(env, agent1, agent2, 2, self.hide_private_info, self.prompts),
             dialog=play.dialog,
             fullout=play.fullout,
             utterances=play.utterances,
             modes=play.modes,
             response_tokens=play.response_tokens,
+            thinking_tokens=play.thinking_tokens,
             end_reason=play.end_reason,
             max_turns=self.max_turns,
             hide_private_info=self.hide_private_info,
+            thinking=self.thinking,
         )
         if self.evaluate is not None:
             record = await self.evaluate(record)
@@ -387,8 +416,9 @@ class EpisodeRunner:
         return record
 
 
-class OpenAIPartner:
-    """A partner model behind an OpenAI-compatible chat API (GPT-4o in the paper, spec §5.2).
+class OpenAIChatModel:
+    """A model behind an OpenAI-compatible chat API: the partner (GPT-4o in the paper) when called, or the evaluated
+    policy through :meth:`generate`, which also reports the response's token count from the API's usage.
 
     The API key is read from the environment variable ``api_key_env`` (or ``api_key_file`` when it is unset), never
     passed in a config; a local server that needs no key works with both unset. Reasoning models return their
@@ -422,16 +452,22 @@ class OpenAIPartner:
         self.max_tokens = max_tokens
         self._slots = asyncio.Semaphore(max_concurrency)
 
-    async def _reply(self, messages: list[Message]) -> str:
+    async def _reply(self, messages: list[Message]) -> Generation:
         async with self._slots:
             completion = await self._client.chat.completions.create(
                 model=self.model, messages=messages, temperature=self.temperature, top_p=self.top_p,
                 max_tokens=self.max_tokens,
             )
-        return completion.choices[0].message.content or ""
+        usage = completion.usage
+        return Generation(completion.choices[0].message.content or "", usage.completion_tokens if usage else None)
+
+    async def generate(self, batch: list[list[Message]]) -> list[Generation]:
+        """One generation per chat, in order (the :class:`Policy` interface)."""
+        return list(await asyncio.gather(*(self._reply(messages) for messages in batch)))
 
     async def __call__(self, batch: list[list[Message]]) -> list[str]:
-        return list(await asyncio.gather(*(self._reply(messages) for messages in batch)))
+        """One reply text per chat, in order (the :class:`Partner` interface)."""
+        return [generation.text for generation in await self.generate(batch)]
 
     async def close(self) -> None:
         """Close the HTTP connections."""

@@ -13,7 +13,7 @@ latter through :func:`local_policy`: one engine, no Ray to start, and the same g
 template, sampling, token counts). Its AsyncLLM engine runs its core in a child process, so scripts calling it need
 the `if __name__ == "__main__":` guard (the `ampo` entry point has it).
 
-**RL states** (:func:`build_states`, spec §5.4, §9.14). Self-play episodes are played from the scenarios with the
+**RL states** (:func:`build_states`, docs/protocol.md, RL states). Self-play episodes are played from the scenarios with the
 policy (evaluation temperature), `rollouts_per_episode` times each. Every prefix of a played episode, from the
 empty dialogue (turn 0) up to the last turn the policy spoke, becomes one state; its prior scores are the goal
 judge's scores of that prefix, asked with the reward judge's own prompt over the dialogue *without* a new
@@ -26,7 +26,7 @@ counted by failure kind, never given an invented score. Given a seed the engine 
 episodes are played in episode-id order, so a fresh run reproduces its states; a resumed run continues with a
 freshly seeded engine, so its new episodes differ from what an uninterrupted run would have sampled.
 
-**Demonstrations** (:func:`make_demos`, spec §1.2, §6, §9.15). For each state and each requested mode the expert
+**Demonstrations** (:func:`make_demos`, docs/protocol.md, BC data). For each state and each requested mode the expert
 is asked, through the judge client (retries, parse rounds, structured output), for a JSON object with that mode's
 section texts and the final `answer`. The schema bounds every field and keeps double quotes, backslashes and
 newlines out of it (a character class with a bounded repetition, in chunks of 50 because xgrammar rejects
@@ -37,11 +37,11 @@ assembled starts another parse round, and what still fails is a rejection with i
 `<out>.partial.jsonl` as they arrive (a re-run skips what is there) and the alpaca JSON is written at the end in
 state × mode order.
 
-**Evaluation** (:func:`evaluate`, spec §5.2-5.3, §5.5): `EpisodeRunner` plays self-play or vs-partner episodes
+**Evaluation** (:func:`evaluate`, docs/protocol.md, Evaluation): `EpisodeRunner` plays self-play or vs-partner episodes
 with `reward.evaluator.EpisodeEvaluator` as its evaluate hook; the results file resumes. A judge answer that cannot
 be read, or holds a non-integer score, excludes the episode with the reason in `evaluation_error`.
 
-**Report** (:func:`report`): the spec §5.5 tables (reward.evaluator's summariser) as Markdown and text for each
+**Report** (:func:`report`): the authors' result tables (reward.evaluator's summariser) as Markdown and text for each
 results file, plus the training plots (cluster.report) of a run directory's `metrics.jsonl`.
 """
 
@@ -73,14 +73,17 @@ from actors.states import (
     check_states,
     make_state,
     read_states,
+    text_token_counter,
     write_states,
 )
-from cluster.config import Config, ConfigError, PartnerConfig
+from cluster.config import ChatModelConfig, Config, ConfigError
+from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Generation, Message, OpenAIChatModel, Policy
 from cluster.stages import bc_model_path, demos_path, existing
-from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Generation, Message, OpenAIPartner, Policy
 from learner.bc import BCDataError, BCRecord, load_bc_records, parse_bc_record
+from prompts import DEFAULT_PROMPTS, PromptSet
 from reward.config import JudgeConfig
 from reward.evaluator import (
+    NO_THINKING,
     EpisodeEvaluator,
     ResultsSummary,
     RunMode,
@@ -91,7 +94,7 @@ from reward.evaluator import (
     table1_markdown,
 )
 from reward.judge import AnswerError, JudgeClient, JudgeResult, extract_json_object
-from reward.modes import MODE_SECTIONS, MODES, SYSTEM_PROMPT, format_response, parse_response
+from reward.modes import MODE_NAMES, MODE_SECTIONS, MODES, format_response, parse_response
 from reward.prompts import goal_prompt
 from reward.server import JudgeServer
 
@@ -203,7 +206,7 @@ class RolloutPolicy:
 
     @classmethod
     def from_config(cls, actors: Sequence[Any], rollout: RolloutConfig) -> RolloutPolicy:
-        """Evaluation sampling (spec §9.16): `eval_temperature`, `max_response_tokens`."""
+        """Evaluation sampling: `eval_temperature`, `max_response_tokens`."""
         return cls(actors, temperature=rollout.eval_temperature, max_tokens=rollout.max_response_tokens)
 
     async def _one(self, messages: list[Message]) -> Generation:
@@ -293,12 +296,13 @@ def select_episodes(
 # ---- RL states ---------------------------------------------------------------------------------------------------
 
 
-def prefix_goal_prompt(state: RLState) -> str:
+def prefix_goal_prompt(state: RLState, prompts: PromptSet = DEFAULT_PROMPTS) -> str:
     """The goal judge's prompt for a state's prefix: the reward judge's own template over the finished dialogue
-    lines, with no new utterance (spec §9.14). `goal_prompt` appends an answer to the last line; giving it an
-    empty last line and an empty answer leaves exactly the finished lines (the empty history at turn 0)."""
+    lines, with no new utterance (the state's prior scores, the s0 of the goal-progress reward). `goal_prompt`
+    appends an answer to the last line; giving it an empty last line and an empty answer leaves exactly the finished
+    lines (the empty history at turn 0)."""
     context = {**state.reward_context(), "dialog": [*state.dialog[:-1], ""]}
-    return goal_prompt(context, "")
+    return goal_prompt(context, "", prompts)
 
 
 @dataclass
@@ -332,9 +336,10 @@ class StatesReport:
 class _PrefixScorer:
     """Judges prefixes through a cache file keyed by the judge prompt's digest (see the module docstring)."""
 
-    def __init__(self, client: JudgeClient, cache_path: Path) -> None:
+    def __init__(self, client: JudgeClient, cache_path: Path, prompts: PromptSet) -> None:
         self.client = client
         self.cache_path = cache_path
+        self.prompts = prompts
         self.scores: dict[str, tuple[float, float]] = {
             row["key"]: (float(row["agent1"]), float(row["agent2"])) for row in _read_json_lines(cache_path)
         }
@@ -346,7 +351,7 @@ class _PrefixScorer:
     async def score(self, state: RLState) -> tuple[float, float] | None:
         """The prefix's scores: cached, or asked once (identical prefixes, e.g. every rollout's turn 0 of an
         episode, share one question); None when the judge failed in this run."""
-        prompt = prefix_goal_prompt(state)
+        prompt = prefix_goal_prompt(state, self.prompts)
         key = _digest(prompt)
         if key in self.scores:
             return self.scores[key]
@@ -374,14 +379,14 @@ class _PrefixScorer:
         return scores
 
     def failure_of(self, state: RLState) -> str | None:
-        return self.failures.get(_digest(prefix_goal_prompt(state)))
+        return self.failures.get(_digest(prefix_goal_prompt(state, self.prompts)))
 
 
-def _prefix_states(dataset: SotopiaDataset, record: EpisodeRecord, rollout: int) -> list[RLState]:
+def _prefix_states(dataset: SotopiaDataset, record: EpisodeRecord, rollout: int, prompts: PromptSet) -> list[RLState]:
     """The states of a played episode, turn 0 up to its last utterance, with placeholder priors (0, 0)."""
     return [
         make_state(dataset, record.env_id, record.utterances[:turn], (0.0, 0.0), rollout=rollout,
-                   hide_private_info=record.hide_private_info)
+                   hide_private_info=record.hide_private_info, prompts=prompts)
         for turn in range(len(record.utterances))
     ]
 
@@ -405,17 +410,18 @@ async def build_states_async(
     parts = out_path.parent / f"{out_path.name}.parts"
     parts.mkdir(parents=True, exist_ok=True)
     dataset = SotopiaDataset.load(config.data.scenarios)
+    prompts = config.prompts.load()
     episode_ids = select_episodes(dataset, episodes=episodes, max_episodes=max_episodes)
     total = len(episode_ids) * rollouts_per_episode
     log.info("building RL states from %d episode(s) x %d rollout(s); work files in %s", len(episode_ids),
              rollouts_per_episode, parts)
     async with JudgeClient(config.reward.judge, base_url=judge.base_url, model=judge.model) as client:
-        scorer = _PrefixScorer(client, parts / "goal_scores.jsonl")
+        scorer = _PrefixScorer(client, parts / "goal_scores.jsonl", prompts)
         bar = _progress(total, "episodes played", progress)
 
         def hook_for(rollout: int) -> Evaluator:
             async def judge_prefixes(record: EpisodeRecord) -> EpisodeRecord:
-                states = _prefix_states(dataset, record, rollout)
+                states = _prefix_states(dataset, record, rollout, prompts)
                 await asyncio.gather(*(scorer.score(state) for state in states))
                 bar.update(1)
                 return record
@@ -430,6 +436,7 @@ async def build_states_async(
                 max_prompt_tokens=config.rollout.max_prompt_tokens,
                 hide_private_info=config.data.hide_private_info,
                 evaluate=hook_for(rollout),
+                prompts=prompts,
             )
             return await runner.run(dataset, episode_ids, parts / f"rollout_{rollout}.jsonl")
 
@@ -440,7 +447,7 @@ async def build_states_async(
         # Prefixes of episodes an earlier run finished, whose judging was cut short, are judged here; a prefix that
         # failed in this run is not asked again until the next run.
         all_states = [(state, rollout) for rollout, records in enumerate(played) for record in records
-                      for state in _prefix_states(dataset, record, rollout)]
+                      for state in _prefix_states(dataset, record, rollout, prompts)]
         scores = await asyncio.gather(*(scorer.score(state) for state, _ in all_states))
     report = StatesReport(out_path, len(episode_ids), rollouts_per_episode, len(all_states), 0,
                           scorer.judged_now, 0)
@@ -452,12 +459,12 @@ async def build_states_async(
             if len(report.failed_prefixes) < 10:
                 report.failed_prefixes.append((rollout, state.env_id, state.turn, kind))
             continue
-        if _digest(prefix_goal_prompt(state)) in scorer.from_cache_keys:
+        if _digest(prefix_goal_prompt(state, prompts)) in scorer.from_cache_keys:
             report.from_cache += 1
         kept.append(state.model_copy(update={"prior": StateScores(agent1=prior[0], agent2=prior[1])}))
     if not kept:
         raise RuntimeError(f"no RL state could be built: every judge question failed {dict(report.failed)}")
-    write_states(kept, out_path, SYSTEM_PROMPT)
+    write_states(kept, out_path, prompts.system.render())
     report.states = len(kept)
     log.info("%s", report.describe())
     return report
@@ -496,20 +503,6 @@ def build_states(
 
 # ---- demonstrations ----------------------------------------------------------------------------------------------
 
-SECTION_GUIDE: dict[str, str] = {
-    "History": "a short summary of the conversation so far, from your character's point of view",
-    "Goal": "your character's social goal in this interaction, restated in your own words",
-    "Intent": "what the other participant wants or means with what they said (or, at the start, what they are likely to want)",
-    "Assess": "how far your goal has come and what stands in its way right now",
-    "Strategy": "the approach you take in this turn to move your goal forward",
-    "Deduction": "a step-by-step simulation of how the other participant would react to the candidate replies you consider",
-    "Integration": "the conclusion you draw from that simulation: which reply to give and why",
-    "Style": "the tone and manner your reply should have",
-    "Response": "a draft of your reply",
-}
-ANSWER_GUIDE = "your final reply, exactly what your character says next (without quotation marks)"
-
-
 _LINE_CHAR = '[^"\\\\\\n]'
 """A regex class: any character but a double quote, a backslash or a newline."""
 _CHUNK = 50
@@ -538,28 +531,14 @@ def demo_schema(mode: int, *, section_max_chars: int = 400, answer_max_chars: in
     return {"type": "object", "properties": properties, "required": names, "additionalProperties": False}
 
 
-def demo_prompt(state: RLState, mode: int) -> str:
-    """The expert's prompt: the speaker's own turn prompt, then what the thinking of `mode` consists of and the
-    JSON object to answer with (the keys in order, each a single line without double quotes)."""
+def demo_prompt(state: RLState, mode: int, prompts: PromptSet = DEFAULT_PROMPTS) -> str:
+    """The expert's prompt (template ``prompts.demo``): the shipped one is the speaker's own turn prompt, then what
+    the thinking of `mode` consists of and the JSON object to answer with (the keys in order, each a single line
+    without double quotes)."""
     keys = [*MODE_SECTIONS[mode], "answer"]
-    fields = "\n".join(f'- "{name}": {SECTION_GUIDE.get(name, ANSWER_GUIDE)}' for name in keys)
-    if mode == 1:
-        thinking = "Thinking Level 1 (Reactive Response): reply at once, with no thinking."
-    else:
-        thinking = (
-            f"Thinking Level {mode}: before replying, think through these steps in this order: "
-            + ", ".join(MODE_SECTIONS[mode]) + "."
-        )
-    example = "{" + ", ".join(f'"{name}": "..."' for name in keys) + "}"
-    return (
-        f"{state.instruction.rstrip()}\n\n"
-        "---\n"
-        "Write your character's next turn in the conversation above.\n"
-        f"{thinking}\n"
-        "Answer with one JSON object with exactly these keys, in this order:\n"
-        f"{fields}\n"
-        "Every value is a single line of plain text and contains no double quotation marks.\n"
-        f"Format: {example}"
+    return prompts.demo.render(
+        turn_prompt=state.instruction.rstrip(), level=mode, mode_name=MODE_NAMES[mode], sections=list(MODE_SECTIONS[mode]),
+        keys=keys, example="{" + ", ".join(f'"{name}": "..."' for name in keys) + "}",
     )
 
 
@@ -637,6 +616,7 @@ async def make_demos_async(
     section_max_chars: int = 400,
     answer_max_chars: int = 300,
     progress: bool = True,
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> DemoReport:
     """`make_demos` inside a running event loop."""
     unknown = [m for m in modes if m not in MODES]
@@ -655,7 +635,9 @@ async def make_demos_async(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.parent / f"{out_path.name}.partial.jsonl"
     done = {row["key"]: row for row in _read_json_lines(partial)}
-    jobs = [(state, mode, _digest(f"{mode}\x1f{state.instruction}")) for state in states for mode in modes]
+    # Keyed by the whole question, so that an answer to another template's question is never reused.
+    jobs = [(state, mode, _digest(demo_prompt(state, mode, prompts))) for state in states for mode in modes]
+    system = prompts.system.render()
     report = DemoReport(out_path, len(states), len(jobs))
     todo = [job for job in jobs if job[2] not in done]
     report.from_earlier_run = len(jobs) - len(todo)
@@ -667,7 +649,7 @@ async def make_demos_async(
 
         async def ask(state: RLState, mode: int, key: str) -> None:
             schema = demo_schema(mode, section_max_chars=section_max_chars, answer_max_chars=answer_max_chars)
-            result = await client.ask(demo_prompt(state, mode), lambda text: assemble_demo(text, mode), schema=schema)
+            result = await client.ask(demo_prompt(state, mode, prompts), lambda text: assemble_demo(text, mode), schema=schema)
             row = {"key": key, "state_id": state.state_id, "mode": mode, "output": result.value,
                    "reason": None if result.ok else _rejection_reason(result), "raw": result.text}
             _append_json_line(partial, row)
@@ -686,7 +668,7 @@ async def make_demos_async(
             report.reasons[row["reason"]] += 1
             continue
         report.accepted[mode] += 1
-        records.append({"system": SYSTEM_PROMPT, "instruction": state.instruction, "input": "", "output": row["output"]})
+        records.append({"system": system, "instruction": state.instruction, "input": "", "output": row["output"]})
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False))
     tmp.replace(out_path)
@@ -704,21 +686,25 @@ def make_demos(
     section_max_chars: int = 400,
     answer_max_chars: int = 300,
     progress: bool = True,
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> DemoReport:
-    """Ask the expert for every state × mode demonstration and write the accepted ones as alpaca JSON records
-    `{system, instruction, input: "", output}` (spec §6); see the module docstring. `expert_config` supplies the
-    client's limits, retries and parse rounds; its `max_tokens` is raised when needed so that the longest mode's
-    bounded answer always fits (one character per token at worst)."""
+    """Ask the expert for every state × mode demonstration (template `prompts.demo`) and write the accepted ones as
+    alpaca JSON records `{system, instruction, input: "", output}`, the layout of the authors' BC data, with
+    `prompts.system` as system; see the module docstring. `expert_config` supplies the client's limits, retries
+    and parse rounds; its `max_tokens` is raised when needed so that the longest mode's bounded answer always fits
+    (one character per token at worst)."""
     return asyncio.run(make_demos_async(
         states, expert=expert, expert_config=expert_config, out_path=out_path, modes=modes,
-        section_max_chars=section_max_chars, answer_max_chars=answer_max_chars, progress=progress,
+        section_max_chars=section_max_chars, answer_max_chars=answer_max_chars, progress=progress, prompts=prompts,
     ))
 
 
-def opening_states(dataset: SotopiaDataset, episode_ids: Iterable[int], *, hide_private_info: bool = False) -> list[RLState]:
+def opening_states(
+    dataset: SotopiaDataset, episode_ids: Iterable[int], *, hide_private_info: bool = False, prompts: PromptSet = DEFAULT_PROMPTS
+) -> list[RLState]:
     """Turn-0 states (empty dialogue, priors 0) of the given episodes: demonstration prompts when no RL states
     exist yet. States from `build_states` cover later turns as well."""
-    return [make_state(dataset, e, [], (0.0, 0.0), hide_private_info=hide_private_info) for e in episode_ids]
+    return [make_state(dataset, e, [], (0.0, 0.0), hide_private_info=hide_private_info, prompts=prompts) for e in episode_ids]
 
 
 # ---- behaviour-cloning records -----------------------------------------------------------------------------------
@@ -941,31 +927,34 @@ def evaluation_hook(evaluator: EpisodeEvaluator, on_done: Any = None) -> Evaluat
 
 def summary_view(record: Mapping[str, Any]) -> dict[str, Any]:
     """A results record as the summariser reads it. For our episode records: only the evaluated model's turns
-    count in the mode usage (a partner's turns have no mode), `tokens` are their response tokens, and the
-    exclusion reason is `evaluation_error`. Other records (e.g. the authors' results) pass unchanged."""
+    count in the mode usage (a partner's turns have no mode; a policy evaluated without thinking modes counts as
+    "no thinking"), `tokens` and `thinking_tokens` are their counts, and the exclusion reason is `evaluation_error`. Other records (e.g. the authors' results) pass unchanged."""
     if "run_mode" not in record or "modes" not in record:
         return dict(record)
     view = dict(record)
     model_agent = 0 if record.get("actor_role") == "agent1" else 1
     turns = [t for t in range(len(record["modes"])) if record["run_mode"] == "self_play" or t % 2 == model_agent]
-    view["modes"] = [record["modes"][t] for t in turns]
+    thinking = record.get("thinking", True)
+    view["modes"] = [record["modes"][t] if thinking else NO_THINKING for t in turns]
     tokens = [record.get("response_tokens", [None] * len(record["modes"]))[t] for t in turns]
     if all(n is not None for n in tokens):
         view["tokens"] = tokens
+    thought = record.get("thinking_tokens") or [None] * len(record["modes"])
+    view["thinking_tokens"] = [thought[t] for t in turns]
     if record.get("evaluation_error"):
         view["exclusion_reason"] = record["evaluation_error"]
     return view
 
 
 def summarise_results(records: Iterable[Mapping[str, Any]]) -> ResultsSummary:
-    """The spec §5.5 summary of results records (hard = the record's own `hard` flag, set from real episode ids)."""
+    """The summary of results records (hard = the record's own `hard` flag, set from real episode ids)."""
     return summarise([summary_view(record) for record in records])
 
 
 def eval_metrics(summary: ResultsSummary, *, hard_only: bool = False) -> dict[str, float]:
     """Flat numbers for metrics.jsonl and plots: `eval/goal_actor`, `eval/goal_opponent`, `eval/goal_avg`, the same
     for `overall`, and `eval/hard_*` when hard episodes were evaluated; plus episode counts. A hard-only
-    evaluation reports only the `eval/hard_*` figures (spec §5.5), so a curve never mixes the two subsets."""
+    evaluation reports only the `eval/hard_*` figures, so a curve never mixes the two subsets."""
     metrics: dict[str, float] = {"eval/episodes": float(summary.all.episodes), "eval/excluded": float(summary.excluded)}
     for prefix, subset in (("", summary.all), ("hard_", summary.hard)):
         if subset.episodes == 0 or (hard_only and not prefix):
@@ -978,7 +967,7 @@ def eval_metrics(summary: ResultsSummary, *, hard_only: bool = False) -> dict[st
 
 @dataclass
 class EvalReport:
-    """An evaluation's results file, its summary (spec §5.5) and the rendered tables."""
+    """An evaluation's results file, its summary and the rendered tables."""
 
     path: Path
     summary: ResultsSummary
@@ -990,8 +979,8 @@ class EvalReport:
         return eval_metrics(self.summary, hard_only=self.hard_only)
 
 
-def _partner_from(section: PartnerConfig, endpoint: Endpoint) -> OpenAIPartner:
-    return OpenAIPartner(
+def _chat_model_from(section: ChatModelConfig, endpoint: Endpoint) -> OpenAIChatModel:
+    return OpenAIChatModel(
         base_url=endpoint.base_url,
         model=endpoint.model,
         api_key_env=section.api_key_env,
@@ -1013,24 +1002,27 @@ async def evaluate_async(
     out_path: str | Path,
     partner: Endpoint | None = None,
     count_tokens: Any = None,
+    count_text: Any = None,
     hard_only: bool = False,
     max_episodes: int | None = None,
     episodes: Sequence[int] | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """`evaluate` with a policy the caller serves (e.g. the training driver's rollout actors)."""
+    """`evaluate` with a policy the caller serves (e.g. the training driver's rollout actors). `count_tokens` (chat
+    length) enables the prompt-length cut-off, `count_text` (text length) the thinking-token counts."""
     out_path = Path(out_path)
     dataset = SotopiaDataset.load(config.data.scenarios)
     episode_ids = select_episodes(dataset, episodes=episodes, hard_only=hard_only, max_episodes=max_episodes)
     if not episode_ids:
         raise ValueError("no episode to evaluate (the hard subset of these scenarios is empty?)")
     roles = 1 if partner is None else 2
+    prompts = config.prompts.load()
     bar = _progress(len(episode_ids) * roles, "episodes evaluated", progress)
     # The partner's client limits come from `eval.partner` (or the evaluator's section when it is only a URL given).
     # A partner endpoint given without a partner section (tests, `--partner-url`) takes the evaluator's limits and
     # the paper's sampling defaults.
-    section = config.eval.partner or PartnerConfig.model_validate(config.eval.judge.model_dump())
-    partner_client = _partner_from(section, partner) if partner is not None else None
+    section = config.eval.partner or ChatModelConfig.model_validate(config.eval.judge.model_dump())
+    partner_client = _chat_model_from(section, partner) if partner is not None else None
     try:
         async with JudgeClient(config.eval.judge, base_url=judge.base_url, model=judge.model) as client:
             runner = EpisodeRunner(
@@ -1040,7 +1032,10 @@ async def evaluate_async(
                 count_tokens=count_tokens,
                 max_prompt_tokens=config.rollout.max_prompt_tokens,
                 hide_private_info=config.data.hide_private_info,
-                evaluate=evaluation_hook(EpisodeEvaluator(client), lambda: bar.update(1)),
+                evaluate=evaluation_hook(EpisodeEvaluator(client, prompts), lambda: bar.update(1)),
+                prompts=prompts,
+                thinking=config.eval.thinking,
+                count_text=count_text,
             )
             records = await runner.run(dataset, episode_ids, out_path)
     finally:
@@ -1059,38 +1054,59 @@ def evaluate(
     judge: Endpoint,
     out_path: str | Path,
     policy_path: str | Path | None = None,
+    policy: Endpoint | None = None,
     partner: Endpoint | None = None,
     hard_only: bool = False,
     max_episodes: int | None = None,
     episodes: Sequence[int] | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """Sotopia evaluation of the policy at `policy_path` (default: the configured rollout model) on an in-process
-    engine: self-play, or against `partner` (each episode played with the model as agent 1 and as agent 2),
-    `eval.max_turns` utterances, every finished episode judged on the 7 dimensions by `judge` with the
-    `eval.judge` limits. Resumes `out_path`; writes `<out>.summary.md` next to it."""
+    """Sotopia evaluation: self-play, or against `partner` (each episode played with the model as agent 1 and as
+    agent 2), `eval.max_turns` utterances, every finished episode judged on the 7 dimensions by `judge` with the
+    `eval.judge` limits. The policy is `policy`, a model behind an OpenAI-compatible API with the `eval.policy`
+    settings, or else the checkpoint at `policy_path` (default: the configured rollout model) on an in-process
+    engine. Resumes `out_path`; writes `<out>.summary.md` next to it."""
     from cluster.models import resolve_model
+
+    if policy is not None:
+        section = config.eval.policy or ChatModelConfig.model_validate(config.eval.judge.model_dump())
+
+        async def api() -> EvalReport:
+            client = _chat_model_from(section, policy)
+            try:
+                return await evaluate_async(
+                    config, policy=client.generate, judge=judge, out_path=out_path, partner=partner, hard_only=hard_only,
+                    max_episodes=max_episodes, episodes=episodes, progress=progress,
+                )
+            finally:
+                await client.close()
+
+        return asyncio.run(api())
 
     model_path = Path(policy_path) if policy_path is not None else resolve_model(config.rollout.model)
 
     async def main() -> EvalReport:
-        async with local_policy(config.rollout, model_path) as policy:
+        async with local_policy(config.rollout, model_path) as engine:
             return await evaluate_async(
-                config, policy=policy, judge=judge, out_path=out_path, partner=partner,
-                count_tokens=chat_token_counter(model_path), hard_only=hard_only, max_episodes=max_episodes,
-                episodes=episodes, progress=progress,
+                config, policy=engine, judge=judge, out_path=out_path, partner=partner,
+                count_tokens=chat_token_counter(model_path), count_text=text_token_counter(model_path),
+                hard_only=hard_only, max_episodes=max_episodes, episodes=episodes, progress=progress,
             )
 
     return asyncio.run(main())
 
 
-def driver_evaluation(config: Config, *, judge: Endpoint, out_dir: str | Path) -> Any:
+def driver_evaluation(
+    config: Config, *, judge: Endpoint, out_dir: str | Path, tokenizer_path: str | Path | None = None
+) -> Any:
     """The training driver's `evaluate(driver, step)` hook: a self-play evaluation through the driver's own rollout
-    actors, on the schedule of spec §5.6 (all episodes at step 0, at multiples of `eval.full_every_steps` and at
+    actors, on the authors' validation schedule (all episodes at step 0, at multiples of `eval.full_every_steps` and at
     the last step; the hard subset otherwise when `eval.hard_only`), results in `<out_dir>/step_<step>.jsonl`.
     Returns the `eval/*` metrics the driver appends to metrics.jsonl. Training goes on meanwhile, so a late
-    episode may be played by a newer policy version than its first turns."""
+    episode may be played by a newer policy version than its first turns. `tokenizer_path` (the policy's folder)
+    enables the thinking-token counts."""
     out_dir = Path(out_dir)
+    count_text = text_token_counter(tokenizer_path) if tokenizer_path is not None else None
 
     async def run(driver: Any, step: int) -> dict[str, float]:
         full_every = config.eval.full_every_steps
@@ -1099,7 +1115,7 @@ def driver_evaluation(config: Config, *, judge: Endpoint, out_dir: str | Path) -
         policy = RolloutPolicy.from_config(driver.rollout_actors, config.rollout)
         result = await evaluate_async(
             config, policy=policy, judge=judge, out_path=out_dir / f"step_{step:06d}.jsonl", hard_only=hard_only,
-            max_episodes=config.eval.max_episodes, progress=False,
+            max_episodes=config.eval.max_episodes, progress=False, count_text=count_text,
         )
         log.info("evaluation at step %d (%s): %s", step, "hard subset" if hard_only else "all episodes", _headline(result.summary))
         return result.metrics()
@@ -1153,7 +1169,7 @@ def report(
     out_dir: str | Path,
 ) -> ReportResult:
     """Write `report.md` and `report.txt` to `out_dir`: for each results file (our JSONL or the authors' JSON list)
-    the spec §5.5 tables (actor / opponent / average per dimension and overall, all and hard, plus mode usage);
+    the result tables (actor / opponent / average per dimension and overall, all and hard, plus mode usage);
     and, when `run_dir` holds a `metrics.jsonl`, PNG plots of the run (reward, format errors, mode mix, tokens per
     mode, KL, entropy, evaluation GOAL over steps) listed in the report."""
     from cluster.report import compare_first_last, plot_training, read_step_metrics

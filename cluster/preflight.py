@@ -2,7 +2,7 @@
 
 A wrong judge address, a key that did not reach the job or a model name the server does not serve would otherwise
 show up only as unscored samples after the engines have loaded and the step-0 evaluation has played its episodes.
-For each remote endpoint (`reward.judge`, `eval.judge`, `eval.partner`; `local` ones are started by the run itself)
+For each remote endpoint (`reward.judge`, `eval.judge`, `eval.partner`, `eval.policy`; `local` ones are started by the run itself)
 the check, made from this process:
 
 1. reads the key as the calls will (`api_key_env`, else `api_key_file`);
@@ -42,11 +42,14 @@ class EndpointCheck:
 
 
 def endpoint_sections(config: Config, *, training: bool = True) -> list[tuple[str, JudgeConfig]]:
-    """The endpoints a command calls: the reward judge when it trains, the evaluator, and the partner if set."""
+    """The endpoints a command calls: the reward judge when it trains, the evaluator, and the partner and the API
+    policy if set (the API policy only in `ampo eval`: training always evaluates its own checkpoints)."""
     sections: list[tuple[str, JudgeConfig]] = [("reward.judge", config.reward.judge)] if training else []
     sections.append(("eval.judge", config.eval.judge))
     if config.eval.partner is not None:
         sections.append(("eval.partner", config.eval.partner))
+    if config.eval.policy is not None and not training:
+        sections.append(("eval.policy", config.eval.policy))
     return sections
 
 

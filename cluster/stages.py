@@ -5,7 +5,7 @@ single-stage commands and the README.
     <run_dir>/bc_model/             bc           -> build-states, train (bc.output overrides it)
     <run_dir>/train_rl.parquet      build-states -> train          (data.train_states overrides it)
     <run_dir>/final_model/          train        -> eval
-    <run_dir>/eval/<policy>-<mode>-<subset>.jsonl   eval -> report
+    <run_dir>/eval/<policy>-<mode>-<subset>.jsonl   eval -> report  (<policy>-no_thinking-... for eval.thinking=false)
     <run_dir>/report/               report
 """
 
@@ -42,8 +42,9 @@ def states_path(config: Config) -> Path:
 
 
 def eval_path(config: Config, policy: str | Path, mode: str, subset: str) -> Path:
-    """`<run_dir>/eval/<policy folder name>-<self_play|vs_partner>-<all|hard>.jsonl`."""
-    name = Path(policy).name or "policy"
+    """`<run_dir>/eval/<policy>-<self_play|vs_partner>-<all|hard>.jsonl`, where `<policy>` is the checkpoint's folder
+    name or the API model's name, with `-no_thinking` when `eval.thinking` is off."""
+    name = (Path(policy).name or "policy") + ("" if config.eval.thinking else "-no_thinking")
     return run_dir(config) / EVAL_DIR / f"{name}-{mode}-{subset}.jsonl"
 
 

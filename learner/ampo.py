@@ -1,4 +1,4 @@
-"""Group-relative advantages for GRPO and AMPO (spec §3).
+"""Group-relative advantages for GRPO and AMPO (docs/protocol.md, AMPO advantage; paper Algorithm 1).
 
 Every sample is one sampled response. It carries a scalar reward ``r_i``, a response length ``l_i`` (full response
 tokens including EOS), a thinking mode ``m_i`` in {1, 2, 3, 4} (anything else marks an invalid sample, normally -1)
@@ -9,8 +9,8 @@ always return a one-dimensional ``numpy.float64`` array with one advantage per s
 and broadcast it to tokens themselves. The maths is vectorised with ``np.bincount`` over dense group codes, so the
 order of the samples does not matter and 100k samples take a few milliseconds.
 
-Deviation from the reference code (spec §3.6, §9.3): the reference picks the length branch of the mode term only when
-every mode-mean reward equals the mean of means *exactly*. Here the test is ``max_k |r̄_k − μ_r| <= tie_tolerance``,
+Deviation from the authors' code, which picks the length branch of the mode term only when every mode-mean reward
+equals the mean of means *exactly*. Here the test is ``max_k |r̄_k − μ_r| <= tie_tolerance``,
 so means that agree up to rounding still count as a tie instead of being divided by a near-zero std.
 ``tie_tolerance=0`` restores the exact test.
 """
@@ -36,7 +36,7 @@ GroupIds = np.ndarray | torch.Tensor | Iterable[Hashable]
 
 
 def grpo_advantages(rewards: ArrayLike, group_ids: GroupIds, *, eps: float = 1e-6) -> np.ndarray:
-    """Sample-level (GRPO) advantage, spec §3.2.
+    """Sample-level (GRPO) advantage.
 
     For the group ``G`` of sample ``i``::
 
@@ -65,7 +65,7 @@ def ampo_advantages(
     eps: float = 1e-6,
     tie_tolerance: float = 1e-8,
 ) -> np.ndarray:
-    """AMPO advantage ``A_i = A^S_i + A^M_{m_i}``, spec §3.3–3.4.
+    """AMPO advantage ``A_i = A^S_i + A^M_{m_i}``.
 
     ``A^S`` is :func:`grpo_advantages`. The mode term ``A^M`` exists for a group only when the group has no invalid
     sample (mode outside 1..4) and each of the four modes has at least 2 samples (which also implies |G| > 1).
@@ -114,7 +114,7 @@ def _sample_term(r: np.ndarray, codes: np.ndarray, n_groups: int, eps: float) ->
 
 
 def mode_term_groups(modes: ArrayLike, group_ids: GroupIds) -> np.ndarray:
-    """Which groups get AMPO's mode-level term (spec §3.3 steps 1-3), one bool per group in order of first appearance.
+    """Which groups get AMPO's mode-level term, one bool per group in order of first appearance.
 
     A group qualifies when none of its samples is invalid (mode outside 1..4) and each of the four modes has at least
     2 samples. Otherwise :func:`ampo_advantages` gives its samples the GRPO advantage alone, so the share of qualifying

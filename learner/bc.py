@@ -1,4 +1,4 @@
-"""Behaviour cloning of the thinking modes (spec §6) on the learner's FSDP2 machinery.
+"""Behaviour cloning of the thinking modes (docs/protocol.md, BC data) on the learner's FSDP2 machinery.
 
 Records are alpaca-style, as the reference's LLaMA-Factory registration maps them: ``system`` (optional),
 ``instruction``, ``input`` (optional) and ``output``. Each becomes one chat — the system message when ``system``
@@ -60,7 +60,7 @@ class BCDataError(ValueError):
 
 
 class BCRecord(BaseModel):
-    """One alpaca record of spec §6: the system prompt, the turn prompt, an (often empty) input and the response."""
+    """One alpaca BC record: the system prompt, the turn prompt, an (often empty) input and the response."""
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 

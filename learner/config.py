@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class LearnerConfig(BaseModel):
-    """FSDP2 learner ranks, optimiser and checkpoints (spec §4.1)."""
+    """FSDP2 learner ranks, optimiser and checkpoints."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
@@ -53,7 +53,7 @@ class LearnerConfig(BaseModel):
 
 
 class AlgorithmConfig(BaseModel):
-    """AMPO / GRPO update (spec §3, §4)."""
+    """AMPO / GRPO update (docs/protocol.md, AMPO advantage and Policy loss)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
@@ -86,11 +86,12 @@ class AlgorithmConfig(BaseModel):
     max_filtered_per_step: int = Field(64, ge=0)
     """Cap on groups filtered while one step's batch is gathered (with `filter_uninformative`)."""
     tie_tolerance: float = Field(1e-8, ge=0)
-    """Mode-mean rewards within this of their mean count as tied, selecting the length branch (spec §3.6)."""
+    """Mode-mean rewards within this of their mean count as tied, selecting the length branch (the authors' code:
+    0, an exact test)."""
 
 
 class BCConfig(BaseModel):
-    """Behaviour cloning of the four thinking modes (spec §6)."""
+    """Behaviour cloning of the four thinking modes (docs/protocol.md, BC data)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 

@@ -6,8 +6,8 @@
    mode −1 and its reward (−2) counts, as in the reference. A sample **without a reward** (the judge failed after
    its retries; ``reward is None``) gets no gradient: it is excluded from its group's statistics (mean, std, mode
    means, and the mode term's "no invalid sample" rule) and its tokens are masked out of the loss. The reference
-   scores such a sample 0 and lets it disable the mode term; we refuse to invent a reward (ARCHITECTURE.md,
-   "Failures are explicit"), and excluding it keeps the rest of the group's signal. A group may therefore train on
+   scores such a sample 0 and lets it disable the mode term; we refuse to invent a reward (failures are explicit,
+   never scored), and excluding it keeps the rest of the group's signal. A group may therefore train on
    fewer than n samples; with all samples unscored it contributes nothing.
 2. **Split** the samples over the ranks balanced by tokens (longest first onto the least-loaded rank) and tell
    every rank the same micro-batch count and the global number of trainable tokens (see ``learner/worker.py``
@@ -142,7 +142,7 @@ class LearnerGroup:
         model_path: HF folder of the initial policy (also the frozen reference).
         algorithm: the RL algorithm; None sets the ranks up for behaviour cloning (no reference model).
         schedule: learning-rate schedule; default: constant ``learner.lr`` after ``learner.warmup_steps``.
-        temperature: rollout temperature (logits are divided by it, spec §4.1).
+        temperature: rollout temperature (logits are divided by it).
         seed: torch seed of every rank.
         ray_options: extra options for every rank's actor (e.g. ``{"num_gpus": 1}``); default ``num_cpus=1``.
         placement_group: rank ``i`` goes to bundle ``i`` of it.

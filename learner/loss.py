@@ -1,4 +1,5 @@
-"""Clipped policy-gradient loss with a k3 KL penalty and an entropy bonus (spec §4.1), in pure torch.
+"""Clipped policy-gradient loss with a k3 KL penalty and an entropy bonus, in pure torch (docs/protocol.md,
+Policy loss).
 
 Token tensors have shape (B, T); ``mask`` marks the valid response tokens (bool or 0/1). Everything is aggregated as
 a token-mean over all valid tokens of the micro-batch, so longer responses weigh more and nothing is normalised per

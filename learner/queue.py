@@ -13,7 +13,7 @@ Design:
   counted, not raised.
 * **Staleness**: a group made by policy version ``v`` is refused once the learner's version exceeds
   ``v + max_staleness``; checked when it arrives, and again for waiting groups whenever the learner reports a newer
-  version (in ``get`` or ``set_version``). The driver's in-flight cap (ARCHITECTURE.md) keeps this rare; the check
+  version (in ``get`` or ``set_version``). The driver's in-flight cap keeps this rare; the check
   here is the guarantee.
 * **Checkpoints**: ``snapshot()`` returns the waiting groups as an Arrow IPC stream (the scored-sample schema) plus
   a JSON document (requests, order, the ids already seen, counters); ``restore()`` rebuilds them exactly. Nothing

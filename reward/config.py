@@ -40,9 +40,9 @@ class JudgeConfig(BaseModel):
     backoff_max_s: float = Field(60.0, gt=0)
     """Longest backoff delay."""
     parse_rounds: int = Field(5, ge=1)
-    """Rounds of asking again when an answer cannot be parsed (spec §2.3: 5)."""
+    """Rounds of asking again when an answer cannot be parsed (authors' code: 5)."""
     greedy_rounds: int = Field(2, ge=0)
-    """The first rounds use temperature 0.0, later ones temperature 1.0 (spec §2.3: 2)."""
+    """The first rounds use temperature 0.0, later ones temperature 1.0 (authors' code: 2)."""
     max_tokens: int = Field(1024, ge=16)
     """Completion budget of one judge answer."""
     structured_output: bool = True
@@ -53,7 +53,7 @@ class JudgeConfig(BaseModel):
 
 
 class RewardConfig(BaseModel):
-    """The reward service: judge, pool size and the reward formula (spec §2)."""
+    """The reward service: judge, pool size and the reward formula (docs/protocol.md, Rewards)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
@@ -62,14 +62,14 @@ class RewardConfig(BaseModel):
     num_actors: int = Field(2, ge=1)
     """Reward actors in the pool."""
     length_target: float = Field(250.0, gt=0)
-    """Answer length (policy tokens) where the length score is 0.5 (spec §2.4)."""
+    """Answer length (policy tokens) where the length score is 0.5 (paper: 250)."""
     length_scale: float = Field(75.0, gt=0)
-    """Tokens over which the length score falls from 1 to 0.5 and from 0.5 to 0 (spec §2.4)."""
+    """Tokens over which the length score falls from 1 to 0.5 and from 0.5 to 0 (paper: 75)."""
     format_error_reward: float = -2.0
     """Reward of a response that breaks the thinking-mode format (paper: −2). Such a sample also disables AMPO's mode
     term for its group, whatever this value."""
     judge_failure_as_zero: bool = False
-    """Reproduce the reference, which scores a failed judge call 0 (spec §2.5). Off: such a sample is
+    """Reproduce the reference, which scores a failed judge call 0. Off: such a sample is
     marked invalid with its reason and never scored."""
     max_unscored_ratio: float = Field(0.5, ge=0, le=1)
     """Stop the run when more than this share of a step's samples could not be scored (judge failures) for

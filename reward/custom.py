@@ -33,8 +33,8 @@ class CustomRewardContext:
     * ``parsed``: the format check's result (``mode``, quoted ``answer``);
     * ``state``: the RL state of the group (``Group.request.context``: turn, dialog, names, goals, state_reward);
     * ``actor``: "agent1" or "agent2", the side that speaks at this turn;
-    * ``answer_tokens``: policy-tokenizer tokens of the answer (spec §2.4);
-    * ``length_score``: the answer-length score of spec §2.4 for those tokens.
+    * ``answer_tokens``: policy-tokenizer tokens of the answer (quotes included, thinking excluded);
+    * ``length_score``: the answer-length score for those tokens (``reward.scores.answer_length_score``).
     """
 
     sample: Sample
@@ -61,5 +61,5 @@ def load_custom_reward(spec: str) -> CustomReward:
 
 
 def answer_length_reward(context: CustomRewardContext) -> float:
-    """Example: reward short answers only, ignoring the judge (the length score of spec §2.4)."""
+    """Example: reward short answers only, ignoring the judge (the answer-length score alone)."""
     return context.length_score

@@ -1,6 +1,6 @@
-"""The Sotopia episode evaluator (spec §5.3) and the summariser of evaluation results (spec §5.5).
+"""The Sotopia episode evaluator and the summariser of evaluation results (docs/protocol.md, Evaluation).
 
-**Evaluation.** A finished episode record (fields of spec §5.5: ``env_id``, ``complete_intro``, ``dialog``,
+**Evaluation.** A finished episode record (the authors' result fields: ``env_id``, ``complete_intro``, ``dialog``,
 ``actor_role``, agent names and goals, optionally ``hard``, ``modes``, ``tokens``) is judged once on the seven
 Sotopia dimensions for both agents, each as ``[reasoning, score]`` within its range (``reward.prompts.DIMENSIONS``:
 BEL 0..10, REL -5..5, KNO 0..10, SEC -10..0, SOC -10..0, FIN -5..5, GOAL 0..10). An answer that cannot be parsed or
@@ -16,7 +16,7 @@ deviation (``numpy.std``, ddof 0, as the reference) of
 * ``overall`` per episode = mean of the actor's 7 dimensions, of the opponent's 7, and of all 14 for the average;
 
 for all episodes and for the hard subset: an episode is hard when its record says ``hard: true`` or its real
-episode id ``env_id`` is among the given hard ids (spec §9.19: never a list position). Records may carry ``modes``
+episode id ``env_id`` is among the given hard ids (never a list position). Records may carry ``modes``
 (the thinking mode of each of the actor's turns, None for a format error) and ``tokens`` (the response tokens of
 each of those turns); the summary then reports how often each mode was used and its mean tokens, over every record
 (exclusion is a judging failure, not a property of the episode's generation).
@@ -33,13 +33,14 @@ import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from actors.jsonrows import read_json_rows
+from prompts import DEFAULT_PROMPTS, PromptSet
 from reward.judge import AnswerError, JudgeClient, extract_json_object, to_score
 from reward.prompts import DIMENSIONS, EVAL_AGENT_KEYS, EVAL_SCHEMA, evaluation_prompt, reformat_prompt
 
@@ -51,6 +52,8 @@ EXCLUDED_REWARD = -100.0
 OVERALL = "overall"
 INVALID_MODE = "invalid"
 """Key under which turns whose format was broken (mode None) are counted."""
+NO_THINKING = "no thinking"
+"""Key under which the turns of a policy evaluated without thinking modes are counted."""
 
 
 def _agent_scores(entry: Any, who: str) -> AgentScores:
@@ -89,14 +92,16 @@ class EpisodeEvaluation:
 
 
 class EpisodeEvaluator:
-    """Evaluates finished episodes with a judge client (temperature 0; one reformat retry; spec §5.3)."""
+    """Evaluates finished episodes with a judge client (temperature 0; one reformat retry, as Sotopia does).
+    ``prompts`` holds the evaluator and reformat templates (the run's ``prompts`` section)."""
 
-    def __init__(self, client: JudgeClient) -> None:
+    def __init__(self, client: JudgeClient, prompts: PromptSet = DEFAULT_PROMPTS) -> None:
         self.client = client
+        self.prompts = prompts
 
     async def evaluate(self, record: Mapping[str, Any]) -> EpisodeEvaluation:
         """Judge one episode record (needs ``complete_intro`` and ``dialog``)."""
-        prompt = evaluation_prompt(str(record["complete_intro"]), [str(line) for line in record["dialog"]])
+        prompt = evaluation_prompt(str(record["complete_intro"]), [str(line) for line in record["dialog"]], self.prompts)
         first = await self.client.chat(prompt, temperature=0.0, schema=EVAL_SCHEMA)
         calls = first.calls
         if first.failure is not None:
@@ -106,7 +111,7 @@ class EpisodeEvaluator:
             return EpisodeEvaluation(agent1, agent2, excluded=False, calls=calls)
         except AnswerError:
             pass
-        retry = reformat_prompt(first.text or "", EVAL_SCHEMA)
+        retry = reformat_prompt(first.text or "", EVAL_SCHEMA, self.prompts)
         second = await self.client.chat(retry, temperature=0.0, schema=EVAL_SCHEMA)
         calls += second.calls
         if second.failure is not None:
@@ -175,11 +180,14 @@ class SubsetSummary:
 
 @dataclass(frozen=True)
 class ModeUsage:
-    """Turns per mode ("1".."4", "invalid"), their share of all turns, and mean response tokens per mode."""
+    """Turns per mode ("1".."4", "invalid", or "no thinking" for a policy evaluated without thinking modes), their
+    share of all turns, and per mode the mean response tokens and the mean thinking tokens (the thinking block, 0 in
+    mode 1), where the records carry them."""
 
     turns: dict[str, int]
     share: dict[str, float]
     mean_tokens: dict[str, float]
+    mean_thinking_tokens: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -239,18 +247,22 @@ def _subset(records: Sequence[Mapping[str, Any]]) -> SubsetSummary:
 def _modes(records: Sequence[Mapping[str, Any]]) -> ModeUsage | None:
     turns: Counter[str] = Counter()
     tokens: dict[str, list[float]] = defaultdict(list)
+    thinking: dict[str, list[float]] = defaultdict(list)
     for record in records:
         modes = record.get("modes")
         if modes is None:
             continue
-        lengths = record.get("tokens")
-        if lengths is not None and len(lengths) != len(modes):
-            raise ValueError(f"episode {record.get('env_id')}: {len(modes)} modes but {len(lengths)} token counts")
+        lengths, thought = record.get("tokens"), record.get("thinking_tokens")
+        for name, values in (("token", lengths), ("thinking-token", thought)):
+            if values is not None and len(values) != len(modes):
+                raise ValueError(f"episode {record.get('env_id')}: {len(modes)} modes but {len(values)} {name} counts")
         for i, mode in enumerate(modes):
-            key = INVALID_MODE if mode is None else str(int(mode))
+            key = INVALID_MODE if mode is None else mode if isinstance(mode, str) else str(int(mode))
             turns[key] += 1
             if lengths is not None:
                 tokens[key].append(float(lengths[i]))
+            if thought is not None and thought[i] is not None:
+                thinking[key].append(float(thought[i]))
     if not turns:
         return None
     total = sum(turns.values())
@@ -259,6 +271,7 @@ def _modes(records: Sequence[Mapping[str, Any]]) -> ModeUsage | None:
         turns={k: turns[k] for k in order},
         share={k: turns[k] / total for k in order},
         mean_tokens={k: sum(tokens[k]) / len(tokens[k]) for k in order if tokens[k]},
+        mean_thinking_tokens={k: sum(thinking[k]) / len(thinking[k]) for k in order if thinking[k]},
     )
 
 
@@ -301,13 +314,14 @@ def render_summary(summary: ResultsSummary, style: Literal["markdown", "text"] =
     for title, usage in (("modes, all", summary.modes), ("modes, hard", summary.hard_modes)):
         if usage is None:
             continue
-        header = ["mode", "turns", "share", "mean tokens"]
+        header = ["mode", "turns", "share", "mean tokens", "mean thinking tokens"]
         rows = [
             [
                 key,
                 str(usage.turns[key]),
                 f"{usage.share[key]:.1%}",
                 f"{usage.mean_tokens[key]:.1f}" if key in usage.mean_tokens else "n/a",
+                f"{usage.mean_thinking_tokens[key]:.1f}" if key in usage.mean_thinking_tokens else "n/a",
             ]
             for key in usage.turns
         ]

@@ -1,8 +1,8 @@
 """The judge client: one robust path from a prompt to a validated JSON answer of an OpenAI-compatible LLM.
 
-Judges are slow, rate-limited and flaky (anchors.md §3 items 6-7); the reference retries every HTTP call 5 times,
-3 s apart, and turns whatever still fails into a score of 0 (spec §2.3). This client keeps many calls in flight,
-backs off properly and never invents a score: every question ends in a value or in a typed failure.
+Judges are slow, rate-limited and flaky; the authors' code retries every HTTP call 5 times, 3 s apart, and turns
+whatever still fails into a score of 0. This client keeps many calls in flight, backs off properly and never invents
+a score: every question ends in a value or in a typed failure.
 
 A **question** (``ask``) runs in up to ``parse_rounds`` rounds. Each round is one logical call (``chat``) whose
 answer is parsed and validated; rounds ``1..greedy_rounds`` ask at temperature 0.0 and later rounds at 1.0, the
@@ -237,7 +237,7 @@ def to_score(value: Any, low: float, high: float, what: str) -> float:
 
 
 def parse_goal_scores(text: str) -> GoalScores:
-    """Parse the goal judge's answer (spec §2.3): an object with ``agent1`` and ``agent2``, each holding a
+    """Parse the goal judge's answer: an object with ``agent1`` and ``agent2``, each holding a
     ``score`` in [0, 10] (``reasoning`` is kept when present). Raises ``AnswerError``."""
     data = extract_json_object(text)
     low, high = GOAL_SCORE_RANGE
@@ -415,7 +415,7 @@ class JudgeClient:
         return self._fail(kind, detail, calls, self.config.parse_rounds, text)
 
     async def goal_scores(self, prompt: str) -> JudgeResult[GoalScores]:
-        """Ask the goal-progress judge (spec §2.3) and validate both agents' 0..10 scores."""
+        """Ask the goal-progress judge (docs/protocol.md, Rewards) and validate both agents' 0..10 scores."""
         return await self.ask(prompt, parse_goal_scores, schema=GOAL_SCHEMA)
 
     async def chat(

@@ -1,6 +1,6 @@
 """The four thinking modes, the response format the policy must emit, and its checker.
 
-Modes (the code calls them "Thinking Level" 1..4; spec §1.1). Each mode fixes the ordered sections of the
+Modes (the code calls them "Thinking Level" 1..4; docs/protocol.md, Thinking modes). Each mode fixes the ordered sections of the
 thinking block:
 
 * 1, Reactive Response: answer at once, no thinking block at all.
@@ -12,7 +12,7 @@ thinking block:
 
 The ``Response`` section is a draft; the final utterance is repeated in the answer block.
 
-Output format (spec §1.2). The markers are plain text, not special tokens::
+Output format (docs/protocol.md, Thinking modes and output format). The markers are plain text, not special tokens::
 
     Thinking Level: 3
     <|begin_of_thinking|>
@@ -33,7 +33,7 @@ Output format (spec §1.2). The markers are plain text, not special tokens::
 Level 1 has the header followed directly by the answer block. Every section header is followed by a newline, every
 section after the first is preceded by a blank line, and the answer is exactly one double-quoted utterance.
 
-Besides the checker this module holds the utterance extraction used in evaluation episodes (spec §5.2): one for the
+Besides the checker this module holds the utterance extraction used in evaluation episodes: one for the
 trained model's raw output and one for an API partner's.
 """
 
@@ -64,39 +64,7 @@ MODE_SECTIONS: dict[int, tuple[str, ...]] = {
     4: ("History", "Goal", "Intent", "Assess", "Strategy", "Deduction", "Integration", "Style", "Response"),
 }
 
-SYSTEM_PROMPT: str = f"""\
-You are an expert conversationalist who can move flexibly between different depths of cognitive processing, \
-depending on what the situation demands and on your personal goals. The available levels are: \
-Level 1 - Reactive Response (reply straight away, without any thinking); \
-Level 2 - Intentional Analysis (brief thinking about intent, without strategy or simulation); \
-Level 3 - Strategic Adaptation (moderate thinking that settles on a strategy, without deduction); \
-Level 4 - Prospective Simulation (deep thinking that settles on a strategy and deduces its consequences step by step).
-
-Your task is to pick the most suitable level of thinking (one of the four above) and to reply in the dialogue \
-scenario you are given.
-
-[Output Format]
-Example 1:
-Thinking Level: 1
-{BEGIN_ANSWER}
-**Answer**
-{END_ANSWER}
-
-Example 2:
-Thinking Level: 2-4
-{BEGIN_THINKING}
-**Thinking**
-{END_THINKING}
-{BEGIN_ANSWER}
-**Answer**
-{END_ANSWER}
-
-[Requirements]
-1. The "Thinking" part must lay out your thought process.
-2. The "Answer" part contains your final reply.
-3. Follow the output format strictly."""
-
-# The exact substrings the checker looks for (spec §1.3). They include the newlines around the tags.
+# The exact substrings the checker looks for (docs/protocol.md, Format rules). They include the newlines around the tags.
 _END_THINKING_MARK = "\n" + END_THINKING
 _BEGIN_ANSWER_MARK = BEGIN_ANSWER + "\n"
 _END_ANSWER_MARK = "\n" + END_ANSWER
@@ -112,7 +80,7 @@ def mode_identifier(mode: int) -> str:
 
 
 def section_markers(mode: int) -> tuple[str, ...]:
-    """The ordered marker list of spec §1.3 step 5: each header, and before every header but the first, the same
+    """The ordered section markers the checker requires: each header, and before every header but the first, the same
     header preceded by a blank line. Level 2 gives ``("Intent:\\n", "\\n\\nStyle:\\n", "Style:\\n", ...)``."""
     markers: list[str] = []
     for i, name in enumerate(MODE_SECTIONS[mode]):
@@ -132,7 +100,7 @@ class ParsedResponse:
     """Result of :func:`parse_response`.
 
     ``valid`` is True exactly when ``mode`` and ``answer`` are set and ``reason`` is None. ``answer`` is the answer
-    block's content stripped of whitespace, quotes included (spec §1.3 step 6). ``reason`` says briefly why an invalid
+    block's content stripped of whitespace, quotes included. ``reason`` says briefly why an invalid
     response was rejected.
     """
 
@@ -196,7 +164,7 @@ def _section_error(thinking: str, mode: int) -> str | None:
 
 
 def parse_response(text: str) -> ParsedResponse:
-    """Check a decoded response against the format rules of spec §1.3, applied in this order.
+    """Check a decoded response against the format rules (docs/protocol.md, Format rules), applied in this order.
 
     1. Mode identification: try levels 1, 2, 3, 4 and take the first whose identifier occurs anywhere in the text.
        The level-1 identifier is ``"Thinking Level: 1\\n<|begin_of_answer|>\\n"``, the level-k one (k >= 2)
@@ -239,7 +207,7 @@ def parse_response(text: str) -> ParsedResponse:
 
 
 def format_response(mode: int, sections: Mapping[str, str] | None, answer: str) -> str:
-    """Build the canonical response of spec §1.2.
+    """Build the canonical response of a mode.
 
     ``sections`` maps each section name of ``MODE_SECTIONS[mode]`` (without the colon) to its text; it must be None
     or empty for level 1. Section texts and the answer are stripped of surrounding whitespace; the answer may come
@@ -271,7 +239,7 @@ def format_response(mode: int, sections: Mapping[str, str] | None, answer: str) 
 
 
 def extract_utterance(text: str) -> str:
-    """Extract the utterance from the trained model's raw output (spec §5.2, ``test_thinking=True``).
+    """Extract the utterance from the trained model's raw output (the authors' evaluation with ``test_thinking=True``).
 
     1. Both ``<|begin_of_answer|>`` and ``<|end_of_answer|>`` present: the text after the last begin tag, up to the
        next end tag (or the end of the text), stripped of whitespace.
@@ -296,7 +264,7 @@ def extract_utterance(text: str) -> str:
 
 
 def extract_partner_utterance(text: str) -> str:
-    """Extract the utterance from an API partner's reply (spec §5.2): the substring from the first ``"`` to the last
+    """Extract the utterance from an API partner's reply: the substring from the first ``"`` to the last
     ``"``, or the first line when there is no ``"``; then re-quoted like :func:`extract_utterance`."""
     first, last = text.find('"'), text.rfind('"')
     found = text[first : last + 1] if first != -1 else text.split("\n", 1)[0]
@@ -304,7 +272,7 @@ def extract_partner_utterance(text: str) -> str:
 
 
 def is_leaving(line: str) -> bool:
-    """True when a dialogue line ends the episode (spec §5.2, §9.17): it contains "left the conversation" or
+    """True when a dialogue line ends the episode: it contains "left the conversation" or
     "leave the conversation", case-insensitively, anywhere, even inside a quote that only mentions leaving."""
     lowered = line.lower()
     return any(marker in lowered for marker in LEFT_CONVERSATION_MARKERS)

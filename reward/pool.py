@@ -1,6 +1,6 @@
 """The reward service: score whole groups of sampled responses with the format check and the LLM judge.
 
-Per sample (spec §2), in :meth:`RewardScorer.score`:
+Per sample (docs/protocol.md, Rewards), in :meth:`RewardScorer.score`:
 
 1. format check (``reward.modes.parse_response``); a broken format earns ``reward.format_error_reward`` (-2) and the
    judge is not asked;
@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import ray
 
 from actors.records import Group, Sample, ScoredGroup, ScoredSample
+from prompts import DEFAULT_PROMPTS, PromptSet
 from reward.config import RewardConfig
 from reward.custom import CustomReward, CustomRewardContext, load_custom_reward
 from reward.judge import GoalScores, JudgeClient, JudgeObserver, JudgeResult, JudgeStats
@@ -185,7 +186,8 @@ class RewardScorer:
     """Scores groups in the current event loop; the body of a reward actor, usable without Ray in tests.
 
     ``tokenizer`` is the policy tokenizer or a path to its model folder. ``base_url``/``model`` override the judge
-    config (e.g. a started local server). ``metrics`` receives every event (None: counts only).
+    config (e.g. a started local server). ``metrics`` receives every event (None: counts only). ``prompts`` holds the
+    goal judge's template (the run's ``prompts`` section).
     """
 
     def __init__(
@@ -196,8 +198,10 @@ class RewardScorer:
         base_url: str | None = None,
         model: str | None = None,
         metrics: RewardMetricsSink | None = None,
+        prompts: PromptSet = DEFAULT_PROMPTS,
     ) -> None:
         self.config = config
+        self._prompts = prompts
         self._tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self._metrics = metrics
         self._custom: CustomReward | None = load_custom_reward(config.custom_reward) if config.custom_reward else None
@@ -327,7 +331,7 @@ class RewardScorer:
             )
 
         try:
-            prompt = goal_prompt(context, parsed.answer)
+            prompt = goal_prompt(context, parsed.answer, self._prompts)
         except (KeyError, ValueError) as exc:
             log.warning("cannot build the judge prompt: %r", exc)
             return unscored("bad_state", state.before)
@@ -378,9 +382,16 @@ class RewardActor:
     """A Ray actor around :class:`RewardScorer`, with the Prometheus metrics on. Async: many groups at once."""
 
     def __init__(
-        self, config: RewardConfig, tokenizer_path: str, base_url: str | None = None, model: str | None = None
+        self,
+        config: RewardConfig,
+        tokenizer_path: str,
+        base_url: str | None = None,
+        model: str | None = None,
+        prompts: PromptSet = DEFAULT_PROMPTS,
     ) -> None:
-        self._scorer = RewardScorer(config, tokenizer_path, base_url=base_url, model=model, metrics=RayRewardMetrics())
+        self._scorer = RewardScorer(
+            config, tokenizer_path, base_url=base_url, model=model, metrics=RayRewardMetrics(), prompts=prompts
+        )
 
     async def ready(self) -> bool:
         return True
@@ -410,6 +421,7 @@ class RewardPool:
         num_cpus: float = 0.5,
         max_concurrency: int = 1000,
         max_restarts: int = 2,
+        prompts: PromptSet = DEFAULT_PROMPTS,
     ) -> None:
         if config.custom_reward is None and "local" in (base_url or config.judge.base_url, model or config.judge.model):
             raise ValueError(
@@ -419,7 +431,7 @@ class RewardPool:
         self.config = config
         options = {"num_cpus": num_cpus, "max_concurrency": max_concurrency, "max_restarts": max_restarts}
         self._actors = [
-            RewardActor.options(**options).remote(config, str(tokenizer_path), base_url, model)
+            RewardActor.options(**options).remote(config, str(tokenizer_path), base_url, model, prompts)
             for _ in range(config.num_actors)
         ]
         self._pending: list[dict[ray.ObjectRef, int]] = [{} for _ in self._actors]

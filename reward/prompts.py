@@ -1,16 +1,18 @@
 """Judge prompts and the JSON schemas of their answers.
 
-Two judges read dialogues, and they see different things on purpose (spec §9.10):
+Two judges read dialogues, and they see different things on purpose, as in the authors' code:
 
-* the **goal-progress judge** of the training reward (spec §2.3) sees only the dialogue, with the candidate
-  utterance appended to the open slot, plus the two names and goals; it scores each agent's goal completion
-  on 0..10 and answers ``{"agent1": {"reasoning", "score"}, "agent2": {...}}``;
-* the **episode evaluator** (spec §5.3) sees the full scenario intro and a finished dialogue and scores both
+* the **goal-progress judge** of the training reward (the paper's answer reward) sees only the dialogue, with the
+  candidate utterance appended to the open slot, plus the two names and goals; it scores each agent's goal
+  completion on 0..10 and answers ``{"agent1": {"reasoning", "score"}, "agent2": {...}}``;
+* the **episode evaluator** (Sotopia's) sees the full scenario intro and a finished dialogue and scores both
   agents on the seven Sotopia dimensions, each as a ``[reasoning, score]`` pair.
 
-The wording is ours; the structure (what the judge sees, in which order, and the answer shape) follows the
-reference so that scores stay comparable. One deliberate change: the evaluator prompt puts a blank line between
-the intro and the first dialogue line, which the reference runs together (spec §9.12).
+The wording is in template files (``prompts/goal_judge.txt``, ``prompts/evaluator.txt``, ``prompts/reformat.txt``;
+the config's ``prompts`` section can point elsewhere, see ``docs/fidelity.md``). The shipped wording is ours; the
+structure (what the judge sees, in which order, and the answer shape) follows the authors' so that scores stay
+comparable. One deliberate change: the evaluator prompt puts a blank line between the intro and the first dialogue
+line, which the authors' runs together.
 
 The schemas are sent as structured-output constraints when the server supports them (vLLM compiles them with
 xgrammar); ``REASONING_MAX_CHARS`` bounds the free-text fields so that even a weak or random judge model stops
@@ -24,8 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prompts import DEFAULT_PROMPTS, PromptSet
+
 AGENTS: tuple[str, str] = ("agent1", "agent2")
-"""Keys of the goal judge's answer, in speaking order: agent1 speaks at even turns (spec §5.2)."""
+"""Keys of the goal judge's answer, in speaking order: agent1 speaks at even turns."""
 
 GOAL_SCORE_RANGE: tuple[int, int] = (0, 10)
 
@@ -34,7 +38,7 @@ REASONING_MAX_CHARS = 1200
 
 
 def actor_of_turn(turn: int) -> str:
-    """The agent who speaks at ``turn``: agent1 at even turns, agent2 at odd ones (spec §2.3)."""
+    """The agent who speaks at ``turn``: agent1 at even turns, agent2 at odd ones."""
     return AGENTS[turn % 2]
 
 
@@ -42,7 +46,7 @@ def build_history(dialog: Sequence[str], answer: str) -> str:
     """The dialogue the goal judge reads: the state's lines with ``answer`` appended to the open slot.
 
     The last line of ``dialog`` is the open slot ``"Turn t: X said:"``; it becomes ``"Turn t: X said: <answer>"``.
-    Lines are joined with newlines and the result is stripped (spec §2.3). ``answer`` is the quoted utterance
+    Lines are joined with newlines and the result is stripped. ``answer`` is the quoted utterance
     exactly as extracted from the answer block.
     """
     if not dialog:
@@ -51,54 +55,22 @@ def build_history(dialog: Sequence[str], answer: str) -> str:
     return "\n".join(lines).strip()
 
 
-_GOAL_ANSWER_EXAMPLE = (
-    '{"agent1": {"reasoning": "<analysis>", "score": <0-10>}, '
-    '"agent2": {"reasoning": "<analysis>", "score": <0-10>}}'
-)
+def goal_prompt(context: Mapping[str, Any], answer: str, prompts: PromptSet = DEFAULT_PROMPTS) -> str:
+    """The goal-progress judge prompt for one candidate utterance (template ``prompts.goal_judge``).
 
-GOAL_PROMPT_TEMPLATE = """\
-{history}
-
-Read the conversation above and judge how far each participant has come towards their own social goal.
-
-[Participants]
-Agent1: {agent1_name}
-Agent1's goal: {agent1_goal}
-
-Agent2: {agent2_name}
-Agent2's goal: {agent2_goal}
-
-[Instructions]
-1. For each agent, first restate the agent's social goal in your own words, then weigh what the conversation \
-has achieved towards that goal so far, and write this analysis in "reasoning". Then give an integer "score" \
-between 0 and 10: 0 means the agent has made next to no progress towards the goal, 10 means the goal is \
-completely achieved.
-2. Answer with a single JSON object in the format below and nothing else.
-
-Answer format:
-```json
-{example}
-```
-Write your answer directly after this prompt."""
-
-
-def goal_prompt(context: Mapping[str, Any], answer: str) -> str:
-    """The goal-progress judge prompt for one candidate utterance.
-
-    ``context`` is the RL state carried by a group request (spec §5.4's ``reward_model``): ``dialog`` (lines, the
+    ``context`` is the RL state carried by a group request (the ``reward_model`` column of the RL data): ``dialog`` (lines, the
     last one the open slot), ``agent1_name``, ``agent2_name``, ``agent1_goal``, ``agent2_goal``. Raises KeyError
     naming a missing field.
     """
     missing = [k for k in ("dialog", "agent1_name", "agent2_name", "agent1_goal", "agent2_goal") if k not in context]
     if missing:
         raise KeyError(f"the RL state lacks {missing}")
-    return GOAL_PROMPT_TEMPLATE.format(
+    return prompts.goal_judge.render(
         history=build_history(list(context["dialog"]), answer),
         agent1_name=context["agent1_name"],
         agent1_goal=context["agent1_goal"],
         agent2_name=context["agent2_name"],
         agent2_goal=context["agent2_goal"],
-        example=_GOAL_ANSWER_EXAMPLE,
     )
 
 
@@ -126,73 +98,25 @@ GOAL_SCHEMA: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Dimension:
-    """One Sotopia evaluation dimension: answer key, short code, inclusive score range and rubric."""
+    """One Sotopia evaluation dimension: answer key, short code and inclusive score range (the rubric the evaluator
+    reads is in its template, ``prompts/evaluator.txt``)."""
 
     name: str
     code: str
     low: int
     high: int
-    rubric: str
 
 
 DIMENSIONS: tuple[Dimension, ...] = (
-    Dimension(
-        "believability",
-        "BEL",
-        0,
-        10,
-        "Does the agent talk and act like the person in its profile would, naturally and consistently? "
-        "0: clearly artificial or out of character; 10: fully convincing.",
-    ),
-    Dimension(
-        "relationship",
-        "REL",
-        -5,
-        5,
-        "How did the conversation change the relationship between the two agents, given how it stood "
-        "before? Negative: it was harmed; 0: unchanged; positive: it was strengthened.",
-    ),
-    Dimension(
-        "knowledge",
-        "KNO",
-        0,
-        10,
-        "How much new and useful information did the agent gain from the conversation? "
-        "0: nothing; 10: a lot that matters to it.",
-    ),
-    Dimension(
-        "secret",
-        "SEC",
-        -10,
-        0,
-        "Did the agent give away secrets, private information or hidden intentions it wanted to keep? "
-        "0: nothing leaked; -10: its most important secret was fully revealed.",
-    ),
-    Dimension(
-        "social_rules",
-        "SOC",
-        -10,
-        0,
-        "Did the agent break moral norms, social conventions or laws? 0: no violation; -10: severe violations.",
-    ),
-    Dimension(
-        "financial_and_material_benefits",
-        "FIN",
-        -5,
-        5,
-        "Did the agent gain or lose money, goods or other material advantages? Negative: losses; 0: no "
-        "change; positive: gains.",
-    ),
-    Dimension(
-        "goal",
-        "GOAL",
-        0,
-        10,
-        "Restate the agent's social goal, then judge how much of it the agent achieved. "
-        "0: next to nothing; 10: the goal is fully achieved.",
-    ),
+    Dimension("believability", "BEL", 0, 10),
+    Dimension("relationship", "REL", -5, 5),
+    Dimension("knowledge", "KNO", 0, 10),
+    Dimension("secret", "SEC", -10, 0),
+    Dimension("social_rules", "SOC", -10, 0),
+    Dimension("financial_and_material_benefits", "FIN", -5, 5),
+    Dimension("goal", "GOAL", 0, 10),
 )
-"""The seven Sotopia dimensions with the ranges of spec §5.3, in the reference's order."""
+"""The seven Sotopia dimensions with their score ranges, in Sotopia's order."""
 
 EVAL_AGENT_KEYS: tuple[str, str] = ("agent_1_evaluation", "agent_2_evaluation")
 """Keys of the evaluator's answer for agent1 and agent2."""
@@ -228,52 +152,16 @@ EVAL_SCHEMA: dict[str, Any] = {
 """JSON schema of the evaluator's answer: per agent, each dimension as ``[reasoning, integer score]``."""
 
 
-def _eval_instructions() -> str:
-    rubric = "\n".join(
-        f'- "{dim.name}" ({dim.code}), an integer from {dim.low} to {dim.high}: {dim.rubric}' for dim in DIMENSIONS
+def evaluation_prompt(complete_intro: str, dialog: Sequence[str], prompts: PromptSet = DEFAULT_PROMPTS) -> str:
+    """The episode evaluator prompt (template ``prompts.evaluator``): the shipped one is the full intro (both agents'
+    backgrounds and goals), a blank line, the dialogue lines, a blank line, then the instructions with the seven
+    dimensions and the answer schema."""
+    return prompts.evaluator.render(
+        intro=complete_intro.strip(), dialog="\n".join(dialog).strip(), schema=json.dumps(EVAL_SCHEMA)
     )
-    example_agent = ", ".join(f'"{dim.name}": ["<reasoning>", <{dim.low}..{dim.high}>]' for dim in DIMENSIONS)
-    example = f'{{"{EVAL_AGENT_KEYS[0]}": {{{example_agent}}}, "{EVAL_AGENT_KEYS[1]}": {{...the same keys...}}}}'
-    return f"""\
-Judge how well each participant of the conversation above pursued their goals. Score agent 1 under \
-"{EVAL_AGENT_KEYS[0]}" and agent 2 under "{EVAL_AGENT_KEYS[1]}", on each of these dimensions:
-{rubric}
-
-For every dimension give a pair: first your reasoning as a string, then the integer score inside its range.
-Answer with a single JSON object in this format and nothing else:
-```json
-{example}
-```
-The JSON schema of the answer:
-```json
-{json.dumps(EVAL_SCHEMA)}
-```"""
 
 
-EVAL_INSTRUCTIONS: str = _eval_instructions()
-
-
-def evaluation_prompt(complete_intro: str, dialog: Sequence[str]) -> str:
-    """The episode evaluator prompt: the full intro (both agents' backgrounds and goals), a blank line, the
-    dialogue lines, a blank line, then the instructions with the seven dimensions and the answer schema."""
-    return f"{complete_intro.strip()}\n\n" + "\n".join(dialog).strip() + f"\n\n{EVAL_INSTRUCTIONS}"
-
-
-REFORMAT_PROMPT_TEMPLATE = """\
-The text between the markers below was meant to be one JSON object matching the schema that follows, but it \
-could not be read as such. Rewrite it as a single valid JSON object that matches the schema exactly. Keep its \
-content and its scores unchanged. Output only the JSON.
-
-Schema:
-```json
-{schema}
-```
-
-<<<TEXT
-{text}
-TEXT>>>"""
-
-
-def reformat_prompt(text: str, schema: Mapping[str, Any]) -> str:
-    """Ask the judge to turn its own unreadable answer ``text`` into valid JSON for ``schema`` (spec §5.3)."""
-    return REFORMAT_PROMPT_TEMPLATE.format(schema=json.dumps(schema), text=text)
+def reformat_prompt(text: str, schema: Mapping[str, Any], prompts: PromptSet = DEFAULT_PROMPTS) -> str:
+    """Ask the judge to turn its own unreadable answer ``text`` into valid JSON for ``schema`` (template
+    ``prompts.reformat``; the evaluator's one reformat round, as in Sotopia)."""
+    return prompts.reformat.render(text=text, schema=json.dumps(schema))

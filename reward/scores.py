@@ -1,4 +1,4 @@
-"""Reward formulas of the training reward (spec §2), as pure functions.
+"""Reward formulas of the training reward (docs/protocol.md, Rewards), as pure functions.
 
 A sampled response earns
 
@@ -26,7 +26,7 @@ def _check_judge_score(name: str, value: float) -> None:
 
 
 def goal_progress_score(before: float, after: float) -> float:
-    """Goal-progress score of spec §2.3, in [0, 1] with 0.5 meaning "no change".
+    """Goal-progress score, in [0, 1] with 0.5 meaning "no change".
 
     With ``g = after - before``::
 
@@ -37,7 +37,7 @@ def goal_progress_score(before: float, after: float) -> float:
 
     Examples: 6 -> 8 gives 2/4 = 0.5, so 0.75; 6 -> 3 gives -3/6 = -0.5, so 0.25.
 
-    Both scores must lie in [0, 10], else ValueError. That range check is the whole division guard of spec §9.18:
+    Both scores must lie in [0, 10], else ValueError. That range check is the whole division guard:
     g > 0 forces before < after <= 10 and g < 0 forces before > after >= 0, so neither denominator can be zero and
     the function is total over [0, 10]².
     """
@@ -54,7 +54,7 @@ def goal_progress_score(before: float, after: float) -> float:
 
 
 def answer_length_score(n_tokens: int, target: float = 250.0, scale: float = 75.0) -> float:
-    """Answer-length score of spec §2.4, in [0, 1]: ``(clip((target - n) / scale, -1, 1) + 1) / 2``.
+    """Answer-length score, in [0, 1]: ``(clip((target - n) / scale, -1, 1) + 1) / 2``.
 
     A one-sided penalty on long answers: with the defaults it is 1.0 up to 175 tokens, 0.8333 at 200, 0.5 at 250,
     0.1667 at 300 and 0.0 from 325 on. ``n_tokens`` counts the answer (quotes included, thinking excluded) with the
@@ -98,7 +98,7 @@ def combine_reward(
     length_target: float = 250.0,
     length_scale: float = 75.0,
 ) -> RewardBreakdown:
-    """Combine format check, judge scores and answer length into the final reward (spec §2.5).
+    """Combine format check, judge scores and answer length into the final reward.
 
     * Invalid format: reward ``FORMAT_ERROR_REWARD``, scored; the judge inputs are ignored.
     * Judge failure (``judge_failure`` given, or a judge score missing): by default no reward and not scored, so the

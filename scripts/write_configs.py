@@ -84,7 +84,7 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "llama3.1-8b.yaml": (
-        "Paper setting (spec §4.2): Llama-3.1-8B-Instruct after BC, 1 node × 8 GPUs, judge Qwen2.5-72B-Instruct.",
+        "Paper setting (docs/protocol.md, Hyperparameters): Llama-3.1-8B-Instruct after BC, 1 node × 8 GPUs, judge Qwen2.5-72B-Instruct.",
         [
             "cluster.address=auto",
             "cluster.run_dir=runs/llama3.1-8b-{algorithm.estimator}-seed{cluster.seed}",
@@ -108,7 +108,7 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "qwen2.5-7b.yaml": (
-        "Paper setting (spec §4.2): Qwen2.5-7B-Instruct after BC, 1 node × 8 GPUs, judge Qwen2.5-72B-Instruct.",
+        "Paper setting (docs/protocol.md, Hyperparameters): Qwen2.5-7B-Instruct after BC, 1 node × 8 GPUs, judge Qwen2.5-72B-Instruct.",
         [
             "cluster.address=auto",
             "cluster.run_dir=runs/qwen2.5-7b-{algorithm.estimator}-seed{cluster.seed}",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# In-process vLLM engines start in ~2 s instead of ~15 s and three processes (ARCHITECTURE.md).
+# In-process vLLM engines start in ~2 s instead of ~15 s and three processes.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -19,7 +19,8 @@ DIALOG: tuple[str, ...] = (
 def make_context(
     turn: int = 2, before: tuple[float, float] = (6.0, 4.0), dialog: Sequence[str] = DIALOG
 ) -> dict[str, Any]:
-    """An RL state as the reward expects it (spec §5.4's reward_model); agent1 = Ana speaks at even turns."""
+    """An RL state as the reward expects it (the `reward_model` field of a training row); agent1 = Ana speaks at even
+    turns."""
     return {
         "turn": turn,
         "dialog": list(dialog),

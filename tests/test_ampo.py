@@ -1,4 +1,4 @@
-"""Advantage estimators against hand-computed values (spec §3.2–3.6)."""
+"""Advantage estimators against hand-computed values (docs/protocol.md, AMPO advantage)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from learner.ampo import ampo_advantages, grpo_advantages, mode_term_groups
 
-# Worked example of spec §3.5 (one group of 8, two samples per mode).
+# The worked example of docs/protocol.md, AMPO advantage (one group of 8, two samples per mode).
 MODES = [1, 1, 2, 2, 3, 3, 4, 4]
 REWARDS = [0.5, 0.6, 0.7, 0.5, 0.8, 0.6, 0.9, 0.7]
 LENGTHS = [30, 40, 150, 170, 400, 420, 800, 760]

@@ -16,8 +16,11 @@ from aiohttp import web
 
 from actors.prompts import complete_intro
 from actors.sotopia import SotopiaDataset
-from cluster.episodes import EpisodeRecord, EpisodeRunner, Generation, Message, OpenAIPartner, load_records
-from reward.modes import SYSTEM_PROMPT, format_response
+from cluster.episodes import EpisodeRecord, EpisodeRunner, Generation, Message, OpenAIChatModel, load_records
+from reward.modes import format_response
+from prompts import DEFAULT_PROMPTS
+
+SYSTEM_PROMPT = DEFAULT_PROMPTS.system.render()
 
 DATA = SotopiaDataset.load()
 Script = Callable[[str, int], str]
@@ -277,7 +280,7 @@ async def test_openai_partner_talks_to_a_chat_completions_endpoint(monkeypatch: 
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     monkeypatch.setenv("TEST_PARTNER_KEY", "sk-test")
-    partner = OpenAIPartner(base_url=f"http://127.0.0.1:{port}/v1", model="gpt-4o", api_key_env="TEST_PARTNER_KEY",
+    partner = OpenAIChatModel(base_url=f"http://127.0.0.1:{port}/v1", model="gpt-4o", api_key_env="TEST_PARTNER_KEY",
                             temperature=0.0, max_tokens=64, max_retries=0)
     try:
         replies = await partner([[{"role": "user", "content": f"prompt {n}"}] for n in ("one", "two")])

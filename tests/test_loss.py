@@ -1,4 +1,4 @@
-"""Policy loss and log-prob/entropy helper against hand-computed values (spec §4.1)."""
+"""Policy loss and log-prob/entropy helper against hand-computed values (docs/protocol.md, Policy loss)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests for reward.modes: the format checker of spec §1.3, format_response and the utterance extraction of §5.2."""
+"""Tests for reward.modes: the format checker (docs/protocol.md, Format rules), format_response and the utterance
+extraction of evaluation episodes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from reward.modes import (
     MODE_NAMES,
     MODE_SECTIONS,
     MODES,
-    SYSTEM_PROMPT,
     ParsedResponse,
     extract_partner_utterance,
     extract_utterance,
@@ -23,6 +23,9 @@ from reward.modes import (
     parse_response,
     section_markers,
 )
+from prompts import DEFAULT_PROMPTS
+
+SYSTEM_PROMPT = DEFAULT_PROMPTS.system.render()
 
 # Canonical responses, written out by hand rather than through format_response.
 L1 = 'Thinking Level: 1\n<|begin_of_answer|>\n"Hi Hendrick, lovely tea."\n<|end_of_answer|>'

@@ -22,7 +22,9 @@ import pytest
 from actors.sotopia import SotopiaDataset
 from actors.states import make_state, write_states
 from testing.fault_server import FaultConfig, FaultServer
-from reward.modes import SYSTEM_PROMPT
+from prompts import DEFAULT_PROMPTS
+
+SYSTEM_PROMPT = DEFAULT_PROMPTS.system.render()
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

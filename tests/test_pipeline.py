@@ -44,8 +44,11 @@ from cluster.pipeline import (
 )
 from testing.fault_server import FaultConfig, FaultServer, hashed_answer
 from reward.judge import AnswerError, parse_goal_scores
-from reward.modes import MODE_SECTIONS, SYSTEM_PROMPT, format_response, parse_response
+from reward.modes import MODE_SECTIONS, format_response, parse_response
 from reward.prompts import DIMENSIONS
+from prompts import DEFAULT_PROMPTS
+
+SYSTEM_PROMPT = DEFAULT_PROMPTS.system.render()
 
 DATA = SotopiaDataset.load()
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -451,7 +454,7 @@ def training_row(state: RLState, **changes) -> dict:
 
 
 def raw_record(source: RLState, **changes) -> dict:
-    """The authors' raw record of a state (spec §5.4), with `changes` applied."""
+    """The authors' raw record of a state (docs/protocol.md, RL states), with `changes` applied."""
     record = {
         "dialog": list(source.dialog), "env_id": source.env_id, "turn": source.turn, "instruction": source.instruction,
         "agent1_name": source.agent1_name, "agent2_name": source.agent2_name, "agent1_goal": source.agent1_goal,

@@ -1,4 +1,4 @@
-"""The Sotopia turn prompt (spec §1.5), checked against hand-written text for both agents of one bundled episode."""
+"""The Sotopia turn prompt (docs/protocol.md, Prompts), checked against hand-written text for both agents of one bundled episode."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for reward.scores: the reward formulas of spec §2.3-2.5, with hand-computed values."""
+"""Tests for reward.scores: the reward formulas (docs/protocol.md, Rewards), with hand-computed values."""
 
 from __future__ import annotations
 
