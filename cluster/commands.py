@@ -1,6 +1,6 @@
 """Subcommands of the data and evaluation pipeline; each registers a parser whose `handler(args) -> int` runs it.
 
-    ampo data check [FILE ...] [--config C] [overrides]   counts and first errors; no FILE: the config's data
+    ampo data check [FILE ...] [--config C] [overrides]   counts, first errors, prompt mismatches; no FILE: the config's data
     ampo build-states [--config C] [overrides] [--policy DIR] [--out FILE] [--max-episodes N] [--rollouts N]
     ampo make-demos   [--config C] [overrides] [--states FILE] [--out FILE] [--modes 1,2,3,4] [--max-states N]
     ampo bc           [--config C] [overrides] [--data FILE] [--model DIR] [--out DIR]
@@ -81,8 +81,10 @@ def register_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     check = data_sub.add_parser(
         "check",
         help="check RL states (JSON/JSONL/Parquet), alpaca BC records or a Sotopia scenario folder",
-        description="Prints what each file holds, its counts and its first errors; exits 1 on any error. Without "
-        "a FILE it checks the config's scenarios, data.train_states and data.bc_data. hf://owner/dataset/path "
+        description="Prints what each file holds, its counts and its first errors, and compares its prompts with the "
+        "config's templates (a scenario folder: every episode renders; RL states and BC records: each row's system "
+        "prompt is prompts.system and its turn prompt follows prompts.turn); exits 1 on any error or difference. "
+        "Without a FILE it checks the config's scenarios, data.train_states and data.bc_data. hf://owner/dataset/path "
         "downloads a file of a Hugging Face dataset first.",
     )
     _add_config_args(check, positional=False)
@@ -170,15 +172,17 @@ def _configured_data(config: Config) -> Iterator[Path]:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from cluster.pipeline import check_data, fetch_hub_file
+    from cluster.data_check import check_data
+    from cluster.pipeline import fetch_hub_file
 
     paths, overrides = _split_items(args.items)
-    targets = [fetch_hub_file(p) if p.startswith("hf://") else Path(p) for p in paths]
-    if not targets:
-        targets = list(_configured_data(_config(args, overrides)))
-    elif overrides:
-        raise ConfigError("overrides only apply when no FILE is given (they choose the config's data files)")
-    checks = [check_data(path, max_errors=args.max_errors) for path in targets]
+    config = _config(args, overrides)
+    targets = [fetch_hub_file(p) if p.startswith("hf://") else Path(p) for p in paths] or list(_configured_data(config))
+    prompts = config.prompts.load()
+    checks = [
+        check_data(path, max_errors=args.max_errors, prompts=prompts, hide_private_info=config.data.hide_private_info)
+        for path in targets
+    ]
     for check in checks:
         print(check.describe())
     failed = [c for c in checks if not c.ok]

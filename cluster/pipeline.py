@@ -62,24 +62,20 @@ from typing import Any
 
 from actors.config import RolloutConfig
 from actors.precision import resolve_dtype
-from actors.jsonrows import read_json_rows
 from actors.records import GroupRequest, SamplingSpec
-from actors.sotopia import ScenarioDataError, SotopiaDataset
+from actors.sotopia import SotopiaDataset
 from actors.states import (
     RLState,
-    StateDataError,
     StateScores,
     chat_token_counter,
-    check_states,
     make_state,
-    read_states,
     text_token_counter,
     write_states,
 )
 from cluster.config import ChatModelConfig, Config, ConfigError
 from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Generation, Message, OpenAIChatModel, Policy
 from cluster.stages import bc_model_path, demos_path, existing
-from learner.bc import BCDataError, BCRecord, load_bc_records, parse_bc_record
+from learner.bc import BCDataError, BCRecord, load_bc_records
 from prompts import DEFAULT_PROMPTS, PromptSet
 from reward.config import JudgeConfig
 from reward.evaluator import (
@@ -727,119 +723,6 @@ def load_hub_bc_records(dataset: str, filename: str, revision: str | None = None
     from huggingface_hub import hf_hub_download
 
     return read_bc_records(hf_hub_download(repo_id=dataset, filename=filename, repo_type="dataset", revision=revision))
-
-
-# ---- data check --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataCheck:
-    """The outcome of checking one data file or folder: its kind, counts, facts worth printing, first errors."""
-
-    path: Path
-    kind: str
-    rows: int = 0
-    valid: int = 0
-    facts: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def describe(self) -> str:
-        lines = [f"{self.path}: {self.kind}", f"  rows: {self.rows}, valid: {self.valid}, invalid: {self.rows - self.valid}"]
-        lines += [f"  {fact}" for fact in self.facts]
-        if self.errors:
-            lines.append("  first errors:")
-            lines += [f"    {error}" for error in self.errors]
-        lines.append("  OK" if self.ok else "  FAILED")
-        return "\n".join(lines)
-
-
-def _check_scenarios(path: Path) -> DataCheck:
-    check = DataCheck(path, "Sotopia scenario folder")
-    try:
-        dataset = SotopiaDataset.load(path)
-    except ScenarioDataError as exc:
-        check.errors.append(str(exc))
-        return check
-    check.rows = check.valid = len(dataset)
-    check.facts.append(
-        f"episodes: {len(dataset)} (hard: {len(dataset.hard_ids)}), environments: {len(dataset.envs)}, agents: {len(dataset.agents)}"
-    )
-    return check
-
-
-def _check_states_file(path: Path, max_errors: int) -> DataCheck:
-    check = DataCheck(path, "RL states")
-    try:
-        valid, errors = check_states(path, max_errors=10**9)
-    except StateDataError as exc:
-        check.errors.append(str(exc))
-        return check
-    check.rows, check.valid, check.errors = valid + len(errors), valid, errors[:max_errors]
-    if not errors and valid:
-        states = read_states(path)
-        layout = "training rows (system prompt baked in)" if states[0].system_prompt is not None else "raw records"
-        turns = [s.turn for s in states]
-        check.facts += [
-            f"layout: {layout}",
-            f"episodes: {len({s.env_id for s in states})}, rollouts: {len({s.rollout for s in states})}, "
-            f"turns {min(turns)}..{max(turns)}",
-            "prior goal scores, mean: agent1 {:.2f}, agent2 {:.2f}".format(
-                sum(s.prior.agent1 for s in states) / len(states), sum(s.prior.agent2 for s in states) / len(states)
-            ),
-        ]
-    return check
-
-
-def _check_bc_file(path: Path, max_errors: int) -> DataCheck:
-    check = DataCheck(path, "behaviour-cloning records (alpaca)")
-    try:
-        rows = read_json_rows(path, error=BCDataError, what="alpaca records")
-    except BCDataError as exc:
-        check.errors.append(str(exc))
-        return check
-    modes: Counter[int] = Counter()
-    for index, row in enumerate(rows):
-        try:
-            record = parse_bc_record(row, f"{path}: row {index}", check_format=True)
-        except BCDataError as exc:
-            if len(check.errors) < max_errors:
-                check.errors.append(str(exc))
-            continue
-        check.valid += 1
-        modes[parse_response(record.output).mode or 0] += 1
-    check.rows = len(rows)
-    if modes:
-        check.facts.append("modes: " + ", ".join(f"{m}: {modes[m]}" for m in sorted(modes)))
-    return check
-
-
-def _looks_like_bc(row: Any) -> bool:
-    return isinstance(row, dict) and "output" in row and not ({"dialog", "reward_model", "state"} & set(row))
-
-
-def check_data(path: str | Path, *, max_errors: int = 10) -> DataCheck:
-    """Check a data file or folder and say what it holds: a Sotopia scenario folder, RL states (JSON, JSON lines
-    or Parquet, raw or training layout) or alpaca BC records (told apart by their fields)."""
-    path = Path(path)
-    if path.is_dir():
-        return _check_scenarios(path)
-    if not path.exists():
-        return DataCheck(path, "missing", errors=[f"{path}: no such file or folder"])
-    if path.suffix == ".parquet":
-        return _check_states_file(path, max_errors)
-    if path.suffix not in (".json", ".jsonl"):
-        return DataCheck(path, "unknown", errors=[f"{path}: expected a scenario folder, .json, .jsonl or .parquet"])
-    try:
-        rows = read_json_rows(path, error=BCDataError)
-    except BCDataError as exc:
-        return DataCheck(path, "unreadable", errors=[str(exc)])
-    if not rows:
-        return DataCheck(path, "empty", errors=[f"{path}: holds no records"])
-    return _check_bc_file(path, max_errors) if _looks_like_bc(rows[0]) else _check_states_file(path, max_errors)
 
 
 def fetch_hub_file(spec: str) -> Path:

@@ -21,13 +21,13 @@ from actors.states import RLState, make_state, read_states
 from cluster.cli import main as ampo
 from cluster.config import ConfigError, load_config
 from cluster.episodes import Generation, Message
+from cluster.data_check import check_data
 from cluster.pipeline import (
     BCRecordError,
     Endpoint,
     RolloutPolicy,
     assemble_demo,
     build_states_async,
-    check_data,
     demo_prompt,
     demo_schema,
     driver_evaluation,
@@ -522,7 +522,7 @@ def test_bc_reader_errors_name_file_row_and_field(tmp_path):
     path.write_text(json.dumps([bc_record(), *bad_rows.values()]))
     check = check_data(path, max_errors=20)
     assert check.kind.startswith("behaviour-cloning") and (check.rows, check.valid) == (8, 1)
-    assert check.facts == ["modes: 1: 1"]
+    assert check.facts[0] == "modes: 1: 1" and "1 of 1 system prompts are prompts.system" in check.facts[1]
     for row, message in enumerate(bad_rows, start=1):
         assert any(e == f"{path}: row {row}: {message}" or (e.startswith(f"{path}: row {row}: ") and message in e)
                    for e in check.errors), (message, check.errors)
@@ -562,10 +562,18 @@ def test_data_check_command_output(tmp_path, capsys, monkeypatch):
     scenarios = Path(__file__).resolve().parent.parent / "actors" / "scenarios"
     assert ampo(["data", "check", str(bad), str(scenarios), "--max-errors", "1"]) == 1
     out = capsys.readouterr().out
-    assert f"{bad}: behaviour-cloning records (alpaca)\n  rows: 2, valid: 1, invalid: 1\n  modes: 1: 1\n  first errors:\n" \
+    assert f"{bad}: behaviour-cloning records (alpaca)\n  rows: 2, valid: 1, invalid: 1\n  modes: 1: 1\n" \
+           "  prompts: 1 of 1 system prompts are prompts.system; 1 of 1 turn prompts follow prompts.turn\n  first errors:\n" \
            f"    {bad}: row 1: field 'output' is not a thinking-mode response: no thinking-level header\n  FAILED" in out
     assert f"{scenarios}: Sotopia scenario folder\n  rows: 36, valid: 36, invalid: 0\n  episodes: 36 (hard: 12)" in out
     assert "checked 2: 1 OK, 1 with errors" in out
+
+    # Against another system prompt (an override names the template), the same states file is a mismatch.
+    other = _write_text(tmp_path / "system.txt", "You are a helpful assistant.")
+    assert ampo(["data", "check", str(states_file), f"prompts.system={other}"]) == 1
+    out = capsys.readouterr().out
+    assert f"row 0: the system prompt is not prompts.system ({other}): line 1: the template gives 'You are a helpful " \
+           "assistant.', the file has 'You are an expert conversationalist" in out
 
     # Without a FILE: the config's data (bundled scenarios, and the states file an override names).
     assert ampo(["data", "check", "--config", str(TINY_CONFIG), f"data.train_states={states_file}"]) == 0

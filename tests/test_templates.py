@@ -199,3 +199,70 @@ async def test_the_reward_scorer_asks_the_judge_with_the_runs_template(tmp_path,
         finally:
             await scorer.aclose()
     assert scored.samples[0].reward is not None and len(seen) == 1 and seen[0].startswith("[[goal_judge]]")
+
+
+# ---- ampo data check compares data files with the templates -------------------------------------------------------
+
+
+def test_data_check_renders_every_episode_with_the_templates_and_names_one_that_fails(tmp_path):
+    from actors.sotopia import BUNDLED_SCENARIOS
+    from cluster.data_check import check_data
+
+    check = check_data(BUNDLED_SCENARIOS)
+    assert check.ok and check.valid == len(DATA) and f"{len(DATA)} of {len(DATA)} episodes render" in check.describe()
+    # A template that trips over one episode's values (here: scenarios that mention a "party") is found here.
+    text = Path(DEFAULT_PROMPTS.background.source).read_text()
+    fragile = "{% if 'party' in scenario %}{{ agent1_goal.missing_method() }}{% endif %}" + text
+    prompts = PromptSet.load({"background": write(tmp_path / "bg.txt", fragile)})
+    failing = [i for i in range(len(DATA)) if "party" in DATA.episode(i)[0].scenario]
+    check = check_data(BUNDLED_SCENARIOS, prompts=prompts, max_errors=100)
+    assert failing and not check.ok and check.valid == len(DATA) - len(failing)
+    assert check.errors[0].startswith(f"episode {failing[0]} (")
+
+
+def test_data_check_reports_the_first_prompt_difference_of_a_bc_file(tmp_path):
+    from cluster.data_check import check_data
+
+    state = make_state(DATA, 0, [], (0.0, 0.0))
+    output = format_response(1, None, "Hello.")
+    system = DEFAULT_PROMPTS.system.render()
+    other = system.replace("Level 2 - Intentional Analysis", "Level 2 - Intent Analysis")
+    path = tmp_path / "bc.json"
+    rows = [{"system": system, "instruction": state.instruction, "input": "", "output": output}] * 2
+    rows.append({"system": other, "instruction": state.instruction, "input": "", "output": output})
+    path.write_text(json.dumps(rows))
+    check = check_data(path)
+    assert not check.ok and len(check.errors) == 1 and "2 of 3 system prompts are prompts.system" in check.describe()
+    error = check.errors[0]
+    assert error.startswith("row 2: the system prompt is not prompts.system") and "line 1:" in error
+    assert "Level 2 - Intent Analysis" in error and "Level 2 - Intentional Analysis" in error
+    # Checked against the templates the data was written with, the same file passes.
+    mine = write(tmp_path / "system.txt", other)
+    assert check_data(path, prompts=PromptSet.load({"system": mine})).errors[0].startswith("row 0:")
+
+
+def test_data_check_reports_a_turn_prompt_written_with_other_templates(tmp_path):
+    from actors.states import write_states
+    from cluster.data_check import check_data, layout_difference, turn_layout
+
+    turn = Path(DEFAULT_PROMPTS.turn.source).read_text().replace("Only you can see this goal", "Only you know this goal")
+    theirs = PromptSet.load({"turn": write(tmp_path / "their_turn.txt", turn)})
+    states = [make_state(DATA, e, utterances, (1.0, 2.0), prompts=theirs)
+              for e in range(3) for utterances in ([], ['"Hi."'])]
+    path = write_states(states, tmp_path / "states.parquet", DEFAULT_PROMPTS.system.render())
+    check = check_data(path)
+    assert not check.ok and "0 of 6 turn prompts follow prompts.turn" in check.describe()
+    assert check.errors == [
+        "row 0: the turn prompt does not follow prompts.turn ({}) and prompts.background ({}): line 3: the template "
+        "gives 'Only you can see this goal; the other participant does not know it.', the file has 'Only you know "
+        "this goal; the other participant does not know it.'".format(DEFAULT_PROMPTS.turn.source, DEFAULT_PROMPTS.background.source)
+    ]
+    assert check_data(path, prompts=theirs).ok
+    # The layout holds whatever the values are: every shipped prompt of the bundled episodes follows it.
+    layout = turn_layout(DEFAULT_PROMPTS)
+    assert all(layout_difference(make_state(DATA, e, ['"a"', '"b"'], (0.0, 0.0)).instruction, layout) is None
+               for e in range(len(DATA)))
+    # A prompt cut short, or with text after the dialogue, departs at its end.
+    prompt = make_state(DATA, 0, [], (0.0, 0.0)).instruction
+    assert layout_difference(prompt.split("\nHere is the context")[0], layout) is not None
+    assert layout_difference(prompt + "\nAnswer now.", layout) is None  # the dialogue is the last value: it may hold anything
