@@ -248,9 +248,11 @@ def extract_utterance(text: str) -> str:
     3. Otherwise, ``"\\n\\nResponse:\\n"`` present: the text after its last occurrence.
     4. Otherwise: the last line (the text after the last ``"\\n"``; empty when the text ends with a newline).
 
-    Whatever the branch, the text is stripped of whitespace and then normalised to ``'"' + text.strip('"') + '"'``
-    (the paper's evaluation strips every branch, so a draft like ``\n"Sure."\n`` becomes ``"Sure."``, not
-    ``"\n"Sure."\n"``). Anything after the draft, such as ``<|end_of_thinking|>``, stays inside the utterance.
+    Whatever the branch, the text is stripped of whitespace and then normalised to ``'"' + text.strip('"') + '"'``,
+    so a draft like ``\n"Sure."\n`` becomes ``"Sure."``, not ``"\n"Sure."\n"``. The authors' code strips only in
+    branch 1 and lets the newlines of the other branches into the dialogue; we strip every branch on purpose
+    (docs/protocol.md, Where this project differs). Anything after the draft, such as ``<|end_of_thinking|>``, stays
+    inside the utterance.
     """
     if BEGIN_ANSWER in text and END_ANSWER in text:
         found = text.rsplit(BEGIN_ANSWER, 1)[-1].split(END_ANSWER, 1)[0]
