@@ -114,7 +114,8 @@ def _train(args: argparse.Namespace) -> int:
     from actors.states import read_states
     from cluster.driver import TrainingDriver
     from cluster.models import resolve_model
-    from cluster.pipeline import Endpoint, driver_evaluation, judge_endpoint
+    from cluster.endpoints import Endpoint, judge_endpoint
+    from cluster.evaluation import driver_evaluation
     from cluster.preflight import preflight
     from cluster.ray_cluster import connect
     from cluster.stages import existing, states_path

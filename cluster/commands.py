@@ -7,7 +7,8 @@
     ampo eval         [--config C] [overrides] [--policy DIR] [--out FILE] [--subset all|hard] [--max-episodes N]
     ampo report       [RESULTS ...] [--config C] [overrides] [--run-dir DIR] [--out DIR]
 
-The work itself lives in `cluster.pipeline`; this module turns arguments and the config into its calls, prints
+The work itself lives in one module per stage (`cluster.data_check`, `states`, `demos`, `bc`, `evaluation`,
+`report`); this module turns arguments and the config into their calls, prints
 the summary and maps bad data to exit status 1 with a one-line message (cli.py maps config errors to 2). `data
 check` and `report` take files and dotted overrides as one positional list: an item shaped `section.field=value`
 is an override, anything else a path.
@@ -58,7 +59,6 @@ def _handler(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     def handle(args: argparse.Namespace) -> int:
         from actors.sotopia import ScenarioDataError
         from actors.states import StateDataError
-        from cluster.pipeline import BCRecordError
         from learner.bc import BCDataError
         from reward.server import JudgeServerError
 
@@ -66,7 +66,7 @@ def _handler(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
             return run(args)
         except ConfigError:
             raise
-        except (StateDataError, BCRecordError, BCDataError, ScenarioDataError, JudgeServerError, FileNotFoundError,
+        except (StateDataError, BCDataError, ScenarioDataError, JudgeServerError, FileNotFoundError,
                 ValueError) as exc:
             print(f"ampo {args.command}: error: {exc}", file=sys.stderr)
             return 1
@@ -173,7 +173,7 @@ def _configured_data(config: Config) -> Iterator[Path]:
 
 def _data_check(args: argparse.Namespace) -> int:
     from cluster.data_check import check_data
-    from cluster.pipeline import fetch_hub_file
+    from cluster.data_check import fetch_hub_file
 
     paths, overrides = _split_items(args.items)
     config = _config(args, overrides)
@@ -194,7 +194,8 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _build_states(args: argparse.Namespace) -> int:
-    from cluster.pipeline import build_states, open_endpoint
+    from cluster.endpoints import open_endpoint
+    from cluster.states import build_states
 
     config = _config(args)
     out = args.out or stages.states_path(config)
@@ -212,7 +213,8 @@ def _build_states(args: argparse.Namespace) -> int:
 def _make_demos(args: argparse.Namespace) -> int:
     from actors.sotopia import SotopiaDataset
     from actors.states import read_states
-    from cluster.pipeline import make_demos, open_endpoint, opening_states
+    from cluster.demos import make_demos, opening_states
+    from cluster.endpoints import open_endpoint
 
     config = _config(args)
     source = args.states or config.data.train_states
@@ -243,7 +245,7 @@ def _make_demos(args: argparse.Namespace) -> int:
 
 
 def _bc(args: argparse.Namespace) -> int:
-    from cluster.pipeline import run_bc_command
+    from cluster.bc import run_bc_command
 
     out = run_bc_command(_config(args), data=args.data, model_path=args.model, out_dir=args.out)
     print(f"behaviour-cloned model written to {out} (per-step losses in {out / 'bc_metrics.jsonl'})")
@@ -251,7 +253,8 @@ def _bc(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cluster.pipeline import Endpoint, evaluate, open_endpoint
+    from cluster.endpoints import Endpoint, open_endpoint
+    from cluster.evaluation import evaluate
     from cluster.preflight import preflight
 
     config = _config(args)
@@ -283,7 +286,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cluster.pipeline import report
+    from cluster.report import report
 
     paths, overrides = _split_items(args.items)
     config = _config(args, overrides)

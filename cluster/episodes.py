@@ -472,3 +472,18 @@ class OpenAIChatModel:
     async def close(self) -> None:
         """Close the HTTP connections."""
         await self._client.close()
+
+
+def select_episodes(
+    dataset: SotopiaDataset, *, episodes: Sequence[int] | None = None, hard_only: bool = False, max_episodes: int | None = None
+) -> list[int]:
+    """Episode ids to play: the given ones (checked), else all or the hard subset in id order; at most
+    `max_episodes` of them (the first ones)."""
+    if episodes is not None:
+        for episode_id in episodes:
+            if not 0 <= episode_id < len(dataset):
+                raise ValueError(f"episode id {episode_id} is out of range: the scenarios hold {len(dataset)} episodes")
+        chosen = list(episodes)
+    else:
+        chosen = dataset.episodes(hard_only=hard_only)
+    return chosen[:max_episodes] if max_episodes is not None else chosen

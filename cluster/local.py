@@ -21,8 +21,13 @@ from actors.states import read_states
 from cluster import stages
 from cluster.config import Config, dump_config
 from cluster.models import resolve_model
-from cluster.pipeline import build_states, evaluate, make_demos, open_endpoint, opening_states, report, run_bc_command, select_episodes
-from cluster.report import compare_first_last
+from cluster.bc import run_bc_command
+from cluster.demos import make_demos, opening_states
+from cluster.endpoints import open_endpoint
+from cluster.episodes import select_episodes
+from cluster.evaluation import evaluate
+from cluster.report import compare_first_last, report
+from cluster.states import build_states
 
 log = logging.getLogger(__name__)
 

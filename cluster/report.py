@@ -1,13 +1,19 @@
-"""What a training run shows: plots read from `<run_dir>/metrics.jsonl` (one JSON object per learner step, with
-the keys documented in docs/metrics.md), written as PNG files with matplotlib, and a first-against-last comparison
-of the run's samples (`<run_dir>/rollouts/*.parquet`) with its significance tests."""
+"""The report stage (`ampo report`): the evaluation tables of results files (7 dimensions, modes, the Table 1
+layout, the benchmark coverage) and what a training run shows: plots read from `<run_dir>/metrics.jsonl` (one JSON
+object per learner step, with the keys documented in docs/metrics.md), written as PNG files with matplotlib, and a
+first-against-last comparison of the run's samples (`<run_dir>/rollouts/*.parquet`) with its significance tests."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cluster.evaluation import headline, summarise_results
+from reward.evaluator import ResultsSummary, RunMode, load_results, render_summary, run_mode_of, table1_markdown
+
 
 MODES = (1, 2, 3, 4)
 
@@ -165,3 +171,80 @@ def compare_first_last(rollouts_dir: Path, window: int | None = None) -> Learnin
     return LearningComparison(versions, k, (
         error_share, welch("reward (format errors as −2)", *scored), welch("reward of well-formed samples", *judged),
     ))
+
+
+# ---- the report command --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReportResult:
+    """Files `report` wrote and the summary of each results file."""
+
+    out_dir: Path
+    markdown: Path
+    text: Path
+    plots: list[Path]
+    summaries: dict[str, ResultsSummary]
+
+
+SOTOPIA_EPISODES, SOTOPIA_HARD = 450, 70
+
+
+def benchmark_coverage(records: Sequence[Mapping[str, Any]]) -> str:
+    """Which share of the Sotopia benchmark a results file covers, so that a partial one is never read as Table 1."""
+    episodes = {r.get("env_id") for r in records}
+    hard = {r.get("env_id") for r in records if r.get("hard")}
+    if len(episodes) == SOTOPIA_EPISODES and len(hard) == SOTOPIA_HARD:
+        return f"Episodes: the full Sotopia benchmark ({SOTOPIA_EPISODES} episodes, {SOTOPIA_HARD} hard)."
+    return (f"Episodes: {len(episodes)} ({len(hard)} hard), not the full Sotopia benchmark of {SOTOPIA_EPISODES} "
+            f"({SOTOPIA_HARD} hard): these figures are not comparable with the paper's Table 1.")
+
+
+def report(
+    results: Sequence[str | Path] = (),
+    *,
+    run_dir: str | Path | None = None,
+    out_dir: str | Path,
+) -> ReportResult:
+    """Write `report.md` and `report.txt` to `out_dir`: for each results file (our JSONL or the authors' JSON list)
+    the result tables (actor / opponent / average per dimension and overall, all and hard, plus mode usage);
+    and, when `run_dir` holds a `metrics.jsonl`, PNG plots of the run (reward, format errors, mode mix, tokens per
+    mode, KL, entropy, evaluation GOAL over steps) listed in the report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, ResultsSummary] = {}
+    markdown: list[str] = ["# AMPO report", ""]
+    text: list[str] = ["AMPO report", ""]
+    runs: list[tuple[RunMode, ResultsSummary]] = []
+    for path in map(Path, results):
+        records = load_results(path)
+        summary = summarise_results(records)
+        summaries[str(path)] = summary
+        runs.append((run_mode_of(records), summary))
+        coverage = benchmark_coverage(records)
+        markdown += [f"## {path.name}", "", f"`{path}`", "", headline(summary), "", coverage, "", render_summary(summary, "markdown")]
+        text += [f"== {path} ==", headline(summary), coverage, "", render_summary(summary, "text")]
+    if runs:
+        layout = table1_markdown(runs)
+        note = ("The paper's Table 1 layout over these results files (several files of one protocol: mean ± std "
+                "between them; self-play reads the two agents' average, vs partner the model's side).")
+        markdown += ["## Table 1 layout", "", note, "", layout, ""]
+        text += ["== Table 1 layout ==", note, layout, ""]
+    plots: list[Path] = []
+    metrics_file = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+    if metrics_file is not None and metrics_file.is_file():
+        plots = plot_training(read_step_metrics(metrics_file), out)
+        markdown += ["## Training run", "", f"`{metrics_file}`", ""]
+        text += [f"== training run {metrics_file} =="]
+        learning = compare_first_last(Path(run_dir) / "rollouts")
+        if learning is not None:
+            markdown += ["### Did the policy improve?", "", learning.markdown(), ""]
+            text += [learning.markdown(), ""]
+        markdown += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+        text += [*(f"plot: {p}" for p in plots), ""]
+    if not summaries and not plots:
+        raise ValueError("nothing to report: give results files, or a run directory with metrics.jsonl")
+    md_path, text_path = out / "report.md", out / "report.txt"
+    md_path.write_text("\n".join(markdown))
+    text_path.write_text("\n".join(text))
+    return ReportResult(out, md_path, text_path, plots, summaries)

@@ -4,7 +4,8 @@ thinking-token counts per mode."""
 import json
 
 from cluster.episodes import Generation, Message
-from cluster.pipeline import Endpoint, evaluate, evaluate_async, summary_view
+from cluster.endpoints import Endpoint
+from cluster.evaluation import evaluate, evaluate_async, summary_view
 from prompts import DEFAULT_PROMPTS
 from reward.evaluator import NO_THINKING, render_summary, summarise
 from reward.modes import END_THINKING, format_response

@@ -1,6 +1,6 @@
 """The data and evaluation pipeline (`ampo data check`, `build-states`, `make-demos`, `bc`, `eval`, `report`).
 
-Fast tests drive `cluster.pipeline` with a scripted policy and the fault-injecting judge server (fault rate 0:
+Fast tests drive the stage modules (`cluster.states`, `cluster.demos`, `cluster.evaluation`, `cluster.report`) with a scripted policy and the fault-injecting judge server (fault rate 0:
 valid answers derived from a hash of each prompt, or from an answer function the test gives), so every number is
 predictable. The slow tests run the commands end to end on the tiny random model: vLLM engines, Ray, and once the
 real vLLM OpenAI server as the demonstration expert.
@@ -22,26 +22,12 @@ from cluster.cli import main as ampo
 from cluster.config import ConfigError, load_config
 from cluster.episodes import Generation, Message
 from cluster.data_check import check_data
-from cluster.pipeline import (
-    BCRecordError,
-    Endpoint,
-    RolloutPolicy,
-    assemble_demo,
-    build_states_async,
-    demo_prompt,
-    demo_schema,
-    driver_evaluation,
-    eval_metrics,
-    evaluate_async,
-    judge_endpoint,
-    make_demos_async,
-    open_endpoint,
-    prefix_goal_prompt,
-    read_bc_records,
-    report,
-    summarise_results,
-    summary_view,
-)
+from cluster.demos import assemble_demo, demo_prompt, demo_schema, make_demos_async
+from cluster.endpoints import Endpoint, RolloutPolicy, judge_endpoint, open_endpoint
+from cluster.evaluation import driver_evaluation, eval_metrics, evaluate_async, summarise_results, summary_view
+from cluster.report import report
+from cluster.states import build_states_async, prefix_goal_prompt
+from learner.bc import BCDataError, load_bc_records
 from testing.fault_server import FaultConfig, FaultServer, hashed_answer
 from reward.judge import AnswerError, parse_goal_scores
 from reward.modes import MODE_SECTIONS, format_response, parse_response
@@ -203,7 +189,7 @@ async def test_make_demos_all_pass_the_format_checker(tmp_path):
     assert [(r["instruction"], parse_response(r["output"]).mode) for r in records] == expected
     assert records[4]["output"].startswith("Thinking Level: 1\n<|begin_of_answer|>\n\"Lovely")
     assert "mode 3: 2 accepted / 1 rejected" in result.describe() and "inner_quote" in result.describe()
-    assert read_bc_records(out)  # the BC reader accepts what make-demos writes
+    assert load_bc_records(out, check_format=True)  # the BC reader accepts what make-demos writes
 
     # A re-run asks nothing and writes the same file.
     with FaultServer(FaultConfig(answer=expert_answer)) as server:
@@ -404,13 +390,13 @@ def test_report_tables_with_hand_checked_numbers(tmp_path):
 
 
 def test_coverage_names_the_full_benchmark_only_when_every_episode_is_there():
-    from cluster.pipeline import _coverage
+    from cluster.report import benchmark_coverage
 
     full = [{"env_id": i, "hard": i < 70} for i in range(450)]
-    assert _coverage(full) == "Episodes: the full Sotopia benchmark (450 episodes, 70 hard)."
+    assert benchmark_coverage(full) == "Episodes: the full Sotopia benchmark (450 episodes, 70 hard)."
     # Against a partner every episode is played twice; that is still the full benchmark.
-    assert _coverage(full + [dict(r) for r in full]).startswith("Episodes: the full")
-    assert _coverage(full[:449]).startswith("Episodes: 449 (70 hard), not the full Sotopia benchmark")
+    assert benchmark_coverage(full + [dict(r) for r in full]).startswith("Episodes: the full")
+    assert benchmark_coverage(full[:449]).startswith("Episodes: 449 (70 hard), not the full Sotopia benchmark")
 
 
 def test_summary_view_counts_only_the_models_turns_against_a_partner():
@@ -526,16 +512,16 @@ def test_bc_reader_errors_name_file_row_and_field(tmp_path):
     for row, message in enumerate(bad_rows, start=1):
         assert any(e == f"{path}: row {row}: {message}" or (e.startswith(f"{path}: row {row}: ") and message in e)
                    for e in check.errors), (message, check.errors)
-    with pytest.raises(BCRecordError) as error:
-        read_bc_records(path)
+    with pytest.raises(BCDataError) as error:
+        load_bc_records(path, check_format=True)
     assert all(f"{path}: row {row}: " in str(error.value) for row in range(1, len(bad_rows) + 1)), error.value
-    assert len(read_bc_records(_write(tmp_path / "ok.json", [bc_record()]))) == 1
+    assert len(load_bc_records(_write(tmp_path / "ok.json", [bc_record()]), check_format=True)) == 1
     for content, message in [("{", "not valid JSON"), ('{"a": 1}', "expected a JSON list of alpaca records")]:
-        with pytest.raises(BCRecordError, match=message):
-            read_bc_records(_write_text(tmp_path / "broken.json", content))
-    with pytest.raises(BCRecordError, match=r"line 2: not valid JSON"):
-        read_bc_records(_write_text(tmp_path / "broken.jsonl", json.dumps(bc_record()) + "\n{oops\n"))
-    assert read_bc_records(_write_text(tmp_path / "free.json", json.dumps([bc_record(output="Hi")])), check_format=False)
+        with pytest.raises(BCDataError, match=message):
+            load_bc_records(_write_text(tmp_path / "broken.json", content), check_format=True)
+    with pytest.raises(BCDataError, match=r"line 2: not valid JSON"):
+        load_bc_records(_write_text(tmp_path / "broken.jsonl", json.dumps(bc_record()) + "\n{oops\n"), check_format=True)
+    assert load_bc_records(_write_text(tmp_path / "free.json", json.dumps([bc_record(output="Hi")])), check_format=False)
 
 
 def _write(path: Path, data: object) -> Path:

@@ -26,14 +26,14 @@ def closed_port() -> int:
 @pytest.fixture
 def no_engines(monkeypatch: pytest.MonkeyPatch) -> None:
     """Anything that would start Ray, an engine or a judge server fails the test."""
-    import cluster.pipeline
+    import cluster.endpoints
     import cluster.ray_cluster
 
     def started(*args, **kwargs):
         raise AssertionError("an engine or Ray was started before the preflight stopped the command")
 
     monkeypatch.setattr(cluster.ray_cluster, "connect", started)
-    monkeypatch.setattr(cluster.pipeline, "open_endpoint", started)
+    monkeypatch.setattr(cluster.endpoints, "open_endpoint", started)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from actors.states import RLState, StateDataError, make_state, read_states, trai
 from cluster.config import Config, ConfigError, load_config
 from cluster.driver import DataCursor, StateStream, TrainingDriver
 from cluster.models import resolve_model
-from cluster.pipeline import BCRecordError, read_bc_records
+from learner.bc import BCDataError, load_bc_records
 from learner.checkpoint import begin_checkpoint, finish_checkpoint, latest_checkpoint, read_checkpoint
 from testing.fault_server import OUTCOMES, FaultConfig, FaultServer
 from reward.modes import format_response
@@ -380,8 +380,8 @@ def test_bad_data_rows_name_file_row_and_field(tmp_path: Path) -> None:
     record = {"system": "s", "instruction": "i", "input": "", "output": format_response(1, None, "Hi.")}
     bc_file = tmp_path / "bc.json"
     bc_file.write_text(json.dumps([record, {**record, "output": "no thinking header"}]))
-    with pytest.raises(BCRecordError, match=rf"{bc_file}: row 1: field 'output' is not a thinking-mode response") as error:
-        read_bc_records(bc_file)
+    with pytest.raises(BCDataError, match=rf"{bc_file}: row 1: field 'output' is not a thinking-mode response") as error:
+        load_bc_records(bc_file, check_format=True)
     print(f"BC records: {error.value}")
 
 

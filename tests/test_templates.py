@@ -11,7 +11,10 @@ from actors.sotopia import SotopiaDataset
 from actors.states import make_state, read_states
 from cluster.config import ConfigError, load_config
 from cluster.episodes import Generation, Message
-from cluster.pipeline import Endpoint, build_states_async, demo_prompt, evaluate_async, make_demos_async
+from cluster.demos import demo_prompt, make_demos_async
+from cluster.endpoints import Endpoint
+from cluster.evaluation import evaluate_async
+from cluster.states import build_states_async
 from prompts import DEFAULT_PROMPTS, SPECS, PromptSet, PromptTemplate, TemplateError, resolve_path
 from reward.modes import format_response
 from reward.prompts import evaluation_prompt, goal_prompt, reformat_prompt

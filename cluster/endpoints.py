@@ -1,0 +1,174 @@
+"""Where the models of a command are served.
+
+Every LLM outside the policy (goal judge, demonstration expert, episode evaluator, partner) is an OpenAI-compatible
+endpoint. A config section whose `base_url` is `local` gets a vLLM OpenAI server started on 127.0.0.1 for a model
+folder (the configured rollout model, i.e. the embedded model by default): :func:`open_endpoint` returns an
+:class:`Endpoint` that owns the server and stops it on `close`. Sections that name a URL are used as they are.
+
+The policy of episodes is :class:`RolloutPolicy`, the `cluster.episodes.Policy` of rollout actors: Ray handles (what
+the training driver holds) or plain in-process `actors.rollout.RolloutActor` objects. One-process commands use the
+latter through :func:`local_policy`: one engine, no Ray to start, and the same generation code as training (chat
+template, sampling, token counts). Its AsyncLLM engine runs its core in a child process, so scripts calling it need
+the `if __name__ == "__main__":` guard (the `ampo` entry point has it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from actors.config import RolloutConfig
+from actors.precision import resolve_dtype
+from actors.records import GroupRequest, SamplingSpec
+from cluster.config import Config, ConfigError
+from cluster.episodes import Generation, Message
+from reward.config import JudgeConfig
+from reward.server import JudgeServer
+
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"
+LOCAL_SERVED_NAME = "ampo-local"
+"""The model name a started local server registers when the config says `model: local`."""
+MAX_LOCAL_CONTEXT = 8192
+"""Longest context a started local server accepts (capped by the model's own position limit)."""
+
+
+@dataclass
+class Endpoint:
+    """An OpenAI-compatible endpoint: base URL and model name, plus the local server behind it when we started
+    one. `close` stops that server (idempotent); usable as a context manager."""
+
+    base_url: str
+    model: str
+    server: JudgeServer | None = None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _position_limit(model_path: Path) -> int:
+    """The model's `max_position_embeddings` (from config.json), capped at MAX_LOCAL_CONTEXT."""
+    try:
+        limit = int(json.loads((model_path / "config.json").read_text()).get("max_position_embeddings", 0))
+    except (OSError, ValueError):
+        limit = 0
+    return min(limit, MAX_LOCAL_CONTEXT) if limit > 0 else MAX_LOCAL_CONTEXT
+
+
+def open_endpoint(
+    section: JudgeConfig,
+    rollout: RolloutConfig,
+    *,
+    model_path: str | Path | None = None,
+    what: str = "judge",
+    startup_timeout_s: float = 600.0,
+) -> Endpoint:
+    """The endpoint of a judge-like config section (judge, expert, evaluator, partner).
+
+    With `base_url: local` a vLLM OpenAI server is started on 127.0.0.1 serving `model_path` (default: the
+    configured rollout model, i.e. the embedded model unless the config names a folder) with the rollout engine's
+    dtype, KV-cache size and eager mode; the served name is the section's `model`, or `ampo-local` when that is
+    `local` too. The context length is the model's own limit (at most 8192) so long judge prompts fit. Otherwise
+    the section's URL and model are returned as they are; `model: local` with a remote URL is a config error.
+    """
+    from cluster.models import resolve_model
+
+    if section.base_url != LOCAL:
+        if section.model == LOCAL:
+            raise ConfigError(f"{what}: model `local` only works with base_url `local`; name the model served at {section.base_url}")
+        return Endpoint(section.base_url, section.model)
+    path = Path(model_path) if model_path is not None else resolve_model(rollout.model)
+    name = LOCAL_SERVED_NAME if section.model == LOCAL else section.model
+    server = JudgeServer(
+        path,
+        served_model_name=name,
+        dtype=resolve_dtype(rollout.dtype, what=f"local {what} server"),
+        max_model_len=_position_limit(path),
+        kv_cache_memory_bytes=rollout.kv_cache_memory_bytes,
+        enforce_eager=rollout.enforce_eager,
+        startup_timeout_s=startup_timeout_s,
+    )
+    log.info("starting a local %s server for %s (about half a minute on a CPU)", what, path)
+    server.start()
+    return Endpoint(server.base_url, name, server)
+
+
+@contextlib.contextmanager
+def judge_endpoint(
+    section: JudgeConfig, config: Config, *, model_path: str | Path | None = None, what: str = "judge"
+) -> Iterator[tuple[str, str]]:
+    """`(base_url, model)` of a judge-like section for the duration of a `with` block: `open_endpoint` with the
+    config's rollout engine settings, the started local server (if any) stopped on exit. For callers that only
+    need the address, e.g. the training driver's reward pool."""
+    with open_endpoint(section, config.rollout, model_path=model_path, what=what) as endpoint:
+        yield endpoint.base_url, endpoint.model
+
+
+class RolloutPolicy:
+    """`cluster.episodes.Policy` on rollout actors: one request with n=1 per chat, sent to the actor with the
+    fewest requests outstanding. `actors` are Ray handles of `RolloutActor` or in-process `RolloutActor`s."""
+
+    def __init__(self, actors: Sequence[Any], *, temperature: float, max_tokens: int, top_p: float = 1.0) -> None:
+        if not actors:
+            raise ValueError("RolloutPolicy needs at least one rollout actor")
+        self.actors = list(actors)
+        self.sampling = SamplingSpec(n=1, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_tokens)
+        self._load = [0] * len(self.actors)
+        self._requests = 0
+
+    @classmethod
+    def from_config(cls, actors: Sequence[Any], rollout: RolloutConfig) -> RolloutPolicy:
+        """Evaluation sampling: `eval_temperature`, `max_response_tokens`."""
+        return cls(actors, temperature=rollout.eval_temperature, max_tokens=rollout.max_response_tokens)
+
+    async def _one(self, messages: list[Message]) -> Generation:
+        index = min(range(len(self.actors)), key=self._load.__getitem__)
+        self._requests += 1
+        request = GroupRequest(
+            group_id=f"episode-turn-{self._requests}",
+            state_id="episode",
+            messages=tuple(messages),
+            sampling=self.sampling,
+        )
+        actor = self.actors[index]
+        self._load[index] += 1
+        try:
+            remote = getattr(actor.generate, "remote", None)
+            group = await (remote(request) if remote is not None else actor.generate(request))
+        finally:
+            self._load[index] -= 1
+        sample = group.samples[0]
+        return Generation(sample.text, len(sample.response_token_ids))
+
+    async def __call__(self, batch: list[list[Message]]) -> list[Generation]:
+        return list(await asyncio.gather(*(self._one(messages) for messages in batch)))
+
+
+@contextlib.asynccontextmanager
+async def local_policy(rollout: RolloutConfig, model_path: str | Path, *, seed: int | None = None) -> AsyncIterator[RolloutPolicy]:
+    """One in-process rollout actor serving `model_path` (seeded with `seed`, default the config's), wrapped as a
+    `RolloutPolicy` with evaluation sampling; the engine is shut down on exit."""
+    from actors.rollout import RolloutActor
+
+    config = rollout if seed is None else rollout.model_copy(update={"seed": seed})
+    actor = RolloutActor(config, model_path)
+    try:
+        yield RolloutPolicy.from_config([actor], config)
+    finally:
+        await actor.shutdown()
