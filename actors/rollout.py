@@ -39,7 +39,7 @@ Health, restarts and metrics
     An actor whose engine died while the process lives on reports `alive: False`; `ray.kill(actor,
     no_restart=False)` then makes Ray restart it the same way.
 
-    Metrics (`ray.util.metrics`, tag `actor` = actor index; Ray exports them with a `ray_` prefix):
+    Metrics (`actors.run_metrics`, tags `actor` = actor index and `run`; Ray exports them with a `ray_` prefix):
       ampo_rollout_tokens_generated_total  Counter    response tokens generated
       ampo_rollout_tokens_per_second       Gauge      response tokens/s over the last 30 s
       ampo_rollout_requests_in_flight      Gauge      group requests being generated
@@ -195,7 +195,7 @@ class RolloutActor:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_omp_threads_bind
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from ray.util.metrics import Counter, Gauge, Histogram
+        from actors.run_metrics import Counter, Gauge, Histogram  # every series also carries the `run` tag
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -231,6 +231,7 @@ class RolloutActor:
         )
         self._m_version.set(0, tags=self._tags)
         self._m_in_flight.set(0, tags=self._tags)
+        self._m_tokens.zero(actor=[self._tags["actor"]])
 
         log.info("rollout actor %d: starting a vLLM engine for %s", actor_index, model_path)
         kwargs = engine_kwargs(config, model_path)

@@ -152,6 +152,16 @@ class LoggingConfig(BaseModel):
     """Port of the driver's Prometheus endpoint (0: pick a free one)."""
     save_rollouts: bool = True
     """Write every scored group to `<run_dir>/rollouts/*.parquet`."""
+    run_name: str | None = Field(None, min_length=1)
+    """The `run` tag of every Prometheus series (it keeps concurrent runs on one cluster apart), also the W&B project
+    and run name; null: the name of `cluster.run_dir`."""
+    tensorboard: bool = False
+    """Also write every `metrics.jsonl` record as TensorBoard scalars to `<run_dir>/tensorboard/` (needs the
+    tensorboard package, or tensorboardX: `pip install tensorboard`)."""
+    wandb: bool = False
+    """Also log every `metrics.jsonl` record to Weights & Biases in offline mode (`WANDB_MODE=offline`, files in
+    `<run_dir>/wandb/`, project and run named after the run; `wandb sync` uploads them later). Needs `pip install
+    wandb`."""
 
 
 class Config(BaseModel):

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +50,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from actors.records import GroupRequest, SamplingSpec, ScoredGroup, scored_groups_to_table
 from actors.states import RLState, chat_token_counter, fit_states
 from cluster.config import Config, ConfigError, dump_config, experiment_differences
+from cluster.metrics import GROUP_STAGES, eval_series, run_label
+from cluster.trackers import Trackers
 from learner.ampo import informative_groups
 from learner.checkpoint import read_checkpoint, resolve_resume
 from learner.group import LearnerGroup
@@ -133,10 +134,14 @@ class Counts:
 
 class DriverMetrics:
     """Driver-side Prometheus series (ray.util.metrics; exported by Ray's metrics agent with a `ray_` prefix).
-    Names are fixed and documented in docs/metrics.md."""
+    Names are fixed and documented in docs/metrics.md. `run` names the run: the `run` tag of these series and of
+    every series the actors of this run create (`actors.run_metrics`)."""
 
-    def __init__(self) -> None:
-        from ray.util.metrics import Counter, Gauge
+    def __init__(self, run: str | None = None) -> None:
+        from actors.run_metrics import Counter, Gauge, publish_run
+
+        if run is not None:
+            publish_run(run)
 
         self.version = Gauge("ampo_policy_version", "Policy version of the learner.")
         self.step = Gauge("ampo_learner_step", "Learner steps completed.")
@@ -161,9 +166,26 @@ class DriverMetrics:
         )
         self.unscored_ratio = Gauge("ampo_unscored_ratio", "Share of the last step's samples the judge could not score.")
         self.groups = Counter("ampo_driver_groups_total", "Groups per pipeline stage.", tag_keys=("stage",))
+        self.groups.zero(stage=GROUP_STAGES)
         self.eval_goal = Gauge(
             "ampo_eval_goal", "Evaluation GOAL (0-10) by episode subset and side.", tag_keys=("subset", "side")
         )
+        self.eval_overall = Gauge(
+            "ampo_eval_overall", "Evaluation overall score by episode subset and side.", tag_keys=("subset", "side")
+        )
+        self.eval_episodes = Gauge("ampo_eval_episodes", "Episodes the last evaluation scored.")
+        self.eval_excluded = Gauge("ampo_eval_excluded_episodes", "Episodes the last evaluation left out.")
+        self.eval_step = Gauge("ampo_eval_step", "Learner step of the last evaluation.")
+
+    def record_eval(self, step: int, results: dict[str, float]) -> None:
+        """Set the evaluation gauges from the `eval/*` results that go to metrics.jsonl."""
+        gauges = {g.info["name"]: g for g in (self.eval_goal, self.eval_overall, self.eval_episodes, self.eval_excluded)}
+        series, unexported = eval_series(results)
+        for name, value, tags in series:
+            gauges[name].set(value, tags=tags or None)
+        self.eval_step.set(step)
+        if unexported:
+            log.warning("evaluation results without a Prometheus gauge (metrics.jsonl only): %s", ", ".join(unexported))
 
     def record_step(self, metrics: dict[str, float]) -> None:
         self.version.set(metrics["version"])
@@ -187,18 +209,10 @@ class DriverMetrics:
             self.advantage_std.set(metrics[f"adv_std/{mode}"], tags=tags)
 
 
-_EVAL_GOAL_KEY = re.compile(r"eval/(hard_)?goal_(actor|opponent|avg)")
-
-
 def eval_goal_series(results: dict[str, float]) -> list[tuple[float, dict[str, str]]]:
     """The GOAL figures of an evaluation's results as gauge values: `subset` is `all` or `hard` (the periodic
     hard-subset evaluations included), `side` is `actor`, `opponent` or `avg`."""
-    series = []
-    for key, value in results.items():
-        match = _EVAL_GOAL_KEY.fullmatch(key)
-        if match:
-            series.append((value, {"subset": "hard" if match.group(1) else "all", "side": match.group(2)}))
-    return series
+    return [(value, tags) for name, value, tags in eval_series(results)[0] if name == "ampo_eval_goal"]
 
 
 def batch_statistics(groups: Sequence[ScoredGroup], version: int) -> dict[str, float]:
@@ -310,7 +324,9 @@ class TrainingDriver:
         self._unscored_streak = 0
         self._filtered_this_step = 0
         self._filter_cap_reached = False
-        self.metrics = DriverMetrics()
+        self.metrics = DriverMetrics(run_label(config))
+        self.trackers = Trackers.for_run(config)
+        """TensorBoard / W&B copies of every metrics.jsonl record (`logging.tensorboard`, `logging.wandb`)."""
 
     # ----------------------------------------------------------------------------------------------- roles
 
@@ -403,6 +419,7 @@ class TrainingDriver:
             return asyncio.run(self._run())
         finally:
             self.shutdown_roles()
+            self.trackers.close()
 
     def _fit_states(self) -> None:
         """Drop the states whose templated prompt exceeds `rollout.max_prompt_tokens`, as the authors' loader does,
@@ -629,6 +646,7 @@ class TrainingDriver:
         self.metrics.record_step(record)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.trackers.log(self.step, record)
         modes = " ".join(f"m{m}={record[f'mode_fraction/{m}']:.2f}" for m in MODES)
         log.info(
             "step %d/%d  reward %.3f  format errors %.0f%%  unscored %.0f%%  %s  kl %.4f  entropy %.3f  %.1f s  in flight %d",
@@ -655,10 +673,11 @@ class TrainingDriver:
 
     async def _evaluate(self) -> None:
         results = await self.evaluate(self, self.step)
-        for value, tags in eval_goal_series(results):
-            self.metrics.eval_goal.set(value, tags=tags)
+        self.metrics.record_eval(self.step, results)
+        record = {"step": self.step, "version": self.version, **results}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, "version": self.version, **results}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        self.trackers.log(self.step, record)
 
     def _flush_rollouts(self) -> None:
         if not self._rollout_buffer:

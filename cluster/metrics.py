@@ -5,12 +5,28 @@ per-node metrics agent exports them with a `ray_` prefix (`ampo_kl` is scraped a
 127.0.0.1 in local mode. `docs/metrics.md` and the Grafana dashboard `configs/grafana/ampo.json` are
 generated from this catalogue (`scripts/write_dashboard.py`), and a test checks that the code creates
 exactly the series listed here.
+
+Every series also carries the tag `run` (`actors.run_metrics`; `logging.run_name`, or the name of `cluster.run_dir`),
+so concurrent runs on one cluster stay apart; the dashboard selects runs with its `run` variable. Every counter
+starts at 0 for each of its documented tag values (`counter_start_values()`), so its panel reads 0, not "No data".
+The driver's `eval/*` results also set the `ampo_eval_*` gauges (`eval_series`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, get_args
+
+if TYPE_CHECKING:
+    from cluster.config import Config
+
+RUN_TAG = "run"
+"""The tag every series carries besides its own (`actors.run_metrics.RUN_TAG`)."""
+GROUP_STAGES: tuple[str, ...] = ("issued", "generated", "scored", "queued", "refused", "dropped", "filtered", "consumed")
+"""The `stage` values of `ampo_driver_groups_total`."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,10 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("ampo_logprob_mismatch", "gauge", "driver", "Mean absolute difference between the learner's and the rollout engine's log-prob of the tokens of current-version samples (same weights): numerics or a mismatched sampling distribution; it biases the importance weights.", ()),
     MetricSpec("ampo_unscored_ratio", "gauge", "driver", "Share of the last step's samples that could not be scored (judge failures); a run stops when it stays above reward.max_unscored_ratio.", unit="percentunit"),
     MetricSpec("ampo_eval_goal", "gauge", "driver", "Evaluation GOAL (0–10): `subset` all or hard episodes, `side` actor, opponent or their average.", ("subset", "side")),
+    MetricSpec("ampo_eval_overall", "gauge", "driver", "Evaluation overall score (mean of the seven Sotopia dimensions), by `subset` and `side` as for ampo_eval_goal.", ("subset", "side")),
+    MetricSpec("ampo_eval_episodes", "gauge", "driver", "Episodes the last evaluation scored (`eval/episodes`)."),
+    MetricSpec("ampo_eval_excluded_episodes", "gauge", "driver", "Episodes the last evaluation left out for lack of judge scores (`eval/excluded`)."),
+    MetricSpec("ampo_eval_step", "gauge", "driver", "Learner step of the last evaluation (the step its `eval/*` record in metrics.jsonl carries)."),
     # rollout actors
     MetricSpec("ampo_rollout_tokens_generated_total", "counter", "rollout", "Response tokens generated.", ("actor",)),
     MetricSpec("ampo_rollout_tokens_per_second", "gauge", "rollout", "Response tokens per second over a recent window.", ("actor",)),
@@ -74,9 +94,69 @@ CATALOGUE: tuple[MetricSpec, ...] = (
 )
 
 
+def run_label(config: Config) -> str:
+    """The run's `run` tag: `logging.run_name`, else the name of `cluster.run_dir` (resolved when it has none)."""
+    if config.logging.run_name:
+        return config.logging.run_name
+    run_dir = Path(config.cluster.run_dir)
+    return run_dir.name or run_dir.resolve().name or "default"
+
+
+def counter_start_values() -> dict[str, dict[str, tuple[str, ...]]]:
+    """Per counter, the tag values its role records 0 for at start-up (the two described values stand for the one
+    value of an actor's index and of the run's transport)."""
+    from learner.queue import PutResult
+    from reward.judge import ErrorKind
+    from reward.modes import MODES
+    from reward.pool import FORMAT_ERROR_MODE, INVALID_REASONS
+
+    kinds = tuple(get_args(ErrorKind))
+    return {
+        "ampo_driver_groups_total": {"stage": GROUP_STAGES},
+        "ampo_rollout_tokens_generated_total": {"actor": ("the actor's own index",)},
+        "ampo_judge_errors_total": {"kind": kinds},
+        "ampo_judge_retries_total": {"kind": kinds},
+        "ampo_reward_samples_total": {"mode": (*(str(m) for m in MODES), FORMAT_ERROR_MODE)},
+        "ampo_reward_invalid_samples_total": {"reason": INVALID_REASONS},
+        "ampo_queue_refused_groups_total": {"reason": tuple(r for r in get_args(PutResult) if r != "accepted")},
+        "ampo_weight_push_failures_total": {"transport": ("the run's rollout.weight_transport",)},
+    }
+
+
+def counter_start_table() -> str:
+    """The markdown table of `counter_start_values()` that docs/metrics.md shows (a test keeps the two equal)."""
+    lines = ["| counter | starts at 0 for |", "| --- | --- |"]
+    for name, tags in counter_start_values().items():
+        cells = "; ".join(f"`{tag}`: {', '.join(values)}" for tag, values in tags.items())
+        lines.append(f"| `ray_{name}` | {cells} |")
+    return "\n".join(lines)
+
+
+_EVAL_SCORE_KEY = re.compile(r"eval/(hard_)?(goal|overall)_(actor|opponent|avg)")
+_EVAL_COUNT_KEYS = {"eval/episodes": "ampo_eval_episodes", "eval/excluded": "ampo_eval_excluded_episodes"}
+
+
+def eval_series(results: dict[str, float]) -> tuple[list[tuple[str, float, dict[str, str]]], list[str]]:
+    """The gauges an evaluation's `eval/*` results set, as (series name, value, tags), and the keys no gauge takes.
+    `subset` is `all` or `hard` (`eval/hard_*`, the periodic hard-subset evaluations included), `side` is `actor`,
+    `opponent` or `avg`."""
+    series: list[tuple[str, float, dict[str, str]]] = []
+    unexported = []
+    for key, value in results.items():
+        match = _EVAL_SCORE_KEY.fullmatch(key)
+        if match:
+            tags = {"subset": "hard" if match.group(1) else "all", "side": match.group(3)}
+            series.append((f"ampo_eval_{match.group(2)}", float(value), tags))
+        elif key in _EVAL_COUNT_KEYS:
+            series.append((_EVAL_COUNT_KEYS[key], float(value), {}))
+        elif key.startswith("eval/"):
+            unexported.append(key)
+    return series, unexported
+
+
 def markdown_table() -> str:
     lines = [
-        "| series (as scraped) | type | role | tags | meaning |",
+        "| series (as scraped) | type | role | tags (besides `run`) | meaning |",
         "| --- | --- | --- | --- | --- |",
     ]
     for spec in CATALOGUE:
@@ -85,15 +165,20 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+RUN_SELECTOR = '{run=~"$run"}'
+"""Every panel's filter: the runs chosen in the dashboard's `run` variable."""
+
+
 def _query(spec: MetricSpec) -> tuple[str, str]:
-    """PromQL and legend of a panel: counters as rates, histograms as p50/p95 from buckets."""
-    by = f" by ({', '.join(spec.tags)})" if spec.tags else ""
-    legend = "{{" + spec.tags[0] + "}}" if spec.tags else spec.name
+    """PromQL and legend of a panel: counters as rates, histograms as p95 from buckets; one line per run (and tag)."""
+    tags = (RUN_TAG, *spec.tags)
+    by = f" by ({', '.join(tags)})"
+    legend = " ".join("{{" + tag + "}}" for tag in tags)
     if spec.kind == "counter":
-        return f"sum{by} (rate({spec.exported}[1m]))", legend
+        return f"sum{by} (rate({spec.exported}{RUN_SELECTOR}[1m]))", legend
     if spec.kind == "histogram":
-        return f"histogram_quantile(0.95, sum by (le{', ' + ', '.join(spec.tags) if spec.tags else ''}) (rate({spec.exported}_bucket[5m])))", f"p95 {legend}"
-    return f"max{by} ({spec.exported})", legend
+        return f"histogram_quantile(0.95, sum by (le, {', '.join(tags)}) (rate({spec.exported}_bucket{RUN_SELECTOR}[5m])))", f"p95 {legend}"
+    return f"max{by} ({spec.exported}{RUN_SELECTOR})", legend
 
 
 def grafana_dashboard() -> dict:
@@ -127,7 +212,26 @@ def grafana_dashboard() -> dict:
         "schemaVersion": 39,
         "refresh": "10s",
         "time": {"from": "now-1h", "to": "now"},
-        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}]},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"},
+                {
+                    # Every run that has exported a series (the driver's counter exists from start-up on).
+                    "name": RUN_TAG,
+                    "type": "query",
+                    "label": "Run",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "definition": "label_values(ray_ampo_driver_groups_total, run)",
+                    "query": "label_values(ray_ampo_driver_groups_total, run)",
+                    "refresh": 2,
+                    "multi": True,
+                    "includeAll": True,
+                    "allValue": ".*",
+                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                    "sort": 1,
+                },
+            ]
+        },
         "panels": panels,
     }
 

@@ -43,7 +43,8 @@ from typing import Any, Literal
 import numpy as np
 import ray
 import torch
-from ray.util.metrics import Counter, Histogram
+
+from actors.run_metrics import Counter, Histogram  # every series also carries the `run` tag
 
 __all__ = ["BroadcastSender", "PushReport", "SafetensorsBlob", "WeightPublisher", "WeightPushError"]
 
@@ -238,6 +239,7 @@ class WeightPublisher:
             "Weight pushes that failed or timed out, per rollout actor.",
             tag_keys=("transport",),
         )
+        self._failures.zero(transport=[transport])
 
     # ----------------------------------------------------------------------------------------------- setup
 

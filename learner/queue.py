@@ -35,7 +35,6 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import ray
-from ray.util.metrics import Counter, Gauge, Histogram
 
 from actors.records import (
     ScoredGroup,
@@ -44,6 +43,7 @@ from actors.records import (
     scored_groups_from_table,
     scored_groups_to_table,
 )
+from actors.run_metrics import Counter, Gauge, Histogram  # every series also carries the `run` tag
 
 __all__ = ["PutResult", "QueueSnapshot", "QueueTimeout", "ReplayQueue", "create_replay_queue"]
 
@@ -108,6 +108,7 @@ class ReplayQueue:
             boundaries=[0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5],
         )
         self._depth.set(0)
+        self._refused.zero(reason=("stale", "duplicate", "incomplete"))
 
     # ----------------------------------------------------------------------------------------------- producer side
 

@@ -21,7 +21,8 @@ The pool (:class:`RewardPool`) runs ``num_actors`` async Ray actors; ``score(gro
 flight as it likes, and each actor keeps up to ``judge.max_concurrency`` judge calls in flight. Groups go to the
 actor with the fewest samples outstanding.
 
-Metrics (``ray.util.metrics``, exported by each actor's node with Ray's usual ``ray_`` prefix):
+Metrics (``actors.run_metrics``: each series also carries the ``run`` tag, and every counter starts at 0 for each of
+its tag values; exported by each actor's node with Ray's usual ``ray_`` prefix):
 ``ampo_judge_latency_seconds`` (histogram of HTTP attempts), ``ampo_judge_errors_total{kind}``,
 ``ampo_judge_retries_total{kind}``, ``ampo_judge_calls_in_flight``, ``ampo_reward_format_error_ratio`` (over the
 last ``FORMAT_WINDOW`` samples of an actor), ``ampo_reward_samples_total{mode}`` (mode "1".."4" or
@@ -40,7 +41,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import ray
 
@@ -48,8 +49,8 @@ from actors.records import Group, Sample, ScoredGroup, ScoredSample
 from prompts import DEFAULT_PROMPTS, PromptSet
 from reward.config import RewardConfig
 from reward.custom import CustomReward, CustomRewardContext, load_custom_reward
-from reward.judge import GoalScores, JudgeClient, JudgeObserver, JudgeResult, JudgeStats
-from reward.modes import ParsedResponse, parse_response
+from reward.judge import ErrorKind, GoalScores, JudgeClient, JudgeObserver, JudgeResult, JudgeStats
+from reward.modes import MODES, ParsedResponse, parse_response
 from reward.prompts import actor_of_turn, goal_prompt
 from reward.scores import JUDGE_SCORE_MAX, JUDGE_SCORE_MIN, answer_length_score, combine_reward
 
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_ERROR_MODE = "invalid_format"
 """The ``mode`` tag of samples that broke the output format."""
+INVALID_REASONS: tuple[str, ...] = ("bad_state", "custom_reward_error", *get_args(ErrorKind))
+"""Every ``reason`` of ``ampo_reward_invalid_samples_total``: a malformed RL state, a failing custom reward, or the
+judge's failure kind."""
 FORMAT_WINDOW = 256
 """Samples over which an actor's format-error ratio gauge is computed."""
 LATENCY_BUCKETS_S: list[float] = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160]
@@ -84,7 +88,7 @@ class RayRewardMetrics:
     """The reward service's Prometheus series with their fixed names, through ``ray.util.metrics``."""
 
     def __init__(self) -> None:
-        from ray.util import metrics
+        import actors.run_metrics as metrics  # every series also carries the `run` tag
 
         self._latency = metrics.Histogram(
             "ampo_judge_latency_seconds", "Duration of judge HTTP attempts.", boundaries=LATENCY_BUCKETS_S
@@ -107,6 +111,11 @@ class RayRewardMetrics:
             "Samples whose reward could not be computed, by reason.",
             tag_keys=("reason",),
         )
+        # Every documented tag value starts at 0, so a panel reads 0 rather than "No data" until the first event.
+        self._errors.zero(kind=get_args(ErrorKind))
+        self._retries.zero(kind=get_args(ErrorKind))
+        self._samples.zero(mode=[*(str(m) for m in MODES), FORMAT_ERROR_MODE])
+        self._invalid.zero(reason=INVALID_REASONS)
 
     def in_flight(self, count: int) -> None:
         self._in_flight.set(count)

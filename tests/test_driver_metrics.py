@@ -13,7 +13,8 @@ from learner.group import build_train_samples
 class Recorder:
     """Stands in for one gauge: keeps what was set, per tag set."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "") -> None:
+        self.info = {"name": name}
         self.values: dict[tuple, float] = {}
 
     def set(self, value: float, tags: dict[str, str] | None = None) -> None:
@@ -31,8 +32,9 @@ def test_every_step_gauge_is_set_from_a_real_step_record() -> None:
     for name, recorder in gauges.items():
         setattr(metrics, name, recorder)
     metrics.record_step(record)
-    # in_flight follows groups as they are issued and eval_goal follows evaluations; every other gauge is per step.
-    unset = sorted(name for name, recorder in gauges.items() if not recorder.values and name not in ("in_flight", "eval_goal"))
+    # in_flight follows groups as they are issued and the eval_* gauges follow evaluations; every other gauge is per step.
+    unset = sorted(name for name, recorder in gauges.items()
+                   if not recorder.values and name != "in_flight" and not name.startswith("eval_"))
     assert unset == [], f"gauges a step never sets: {unset}"
     # The worked example of tests/test_ampo.py (n = 8): mode 4's two samples get advantages 2.927 and 1.507.
     assert gauges["advantage_mean"].values[(("mode", "4"),)] == pytest.approx((2.927 + 1.507) / 2, abs=1e-3)
@@ -66,3 +68,43 @@ def test_a_run_stops_once_most_samples_stay_unscored(tmp_path) -> None:
     driver._watch_unscored(0.75)  # second bad step in a row
     assert driver._stop.is_set() and "75% of step 0's samples could not be scored" in str(driver._failure)
     assert "reward.max_unscored_ratio=0.5 for 2 steps" in str(driver._failure)
+
+
+def _summary(hard_episodes: int):
+    from reward.evaluator import ResultsSummary, Stat, SubsetSummary
+
+    def subset(episodes: int, goal: float) -> SubsetSummary:
+        side = {"goal": Stat(goal, 1.0, episodes), "overall": Stat(goal / 3, 0.5, episodes)}
+        return SubsetSummary(episodes=episodes, actor=side, opponent=dict(side), average=dict(side))
+
+    return ResultsSummary(records=5, excluded=1, exclusion_reasons={"no scores": 1}, all=subset(4, 6.0),
+                          hard=subset(hard_episodes, 4.5), modes=None, hard_modes=None)
+
+
+@pytest.mark.parametrize("hard_only", [False, True])
+def test_every_evaluation_figure_reaches_a_gauge(hard_only: bool) -> None:
+    """What the driver appends to metrics.jsonl after an evaluation (full, or the periodic hard-only one) is exported."""
+    from cluster.evaluation import eval_metrics
+
+    results = eval_metrics(_summary(hard_episodes=2), hard_only=hard_only)
+    assert any(key.startswith("eval/hard_") for key in results)
+    metrics = DriverMetrics()
+    recorders = [Recorder(gauge.info["name"]) for name, gauge in vars(metrics).items() if name.startswith("eval_")]
+    for name, recorder in zip([n for n in vars(metrics) if n.startswith("eval_")], recorders, strict=True):
+        setattr(metrics, name, recorder)
+    metrics.record_eval(7, results)
+    exported = {(r.info["name"], tags): value for r in recorders for tags, value in r.values.items()}
+    expected = {}
+    for key, value in results.items():
+        subset = "hard" if key.startswith("eval/hard_") else "all"
+        name = key.removeprefix("eval/").removeprefix("hard_")
+        if name in ("episodes", "excluded"):
+            series = {"episodes": "ampo_eval_episodes", "excluded": "ampo_eval_excluded_episodes"}[name]
+            expected[(series, ())] = value
+        else:
+            figure, side = name.split("_")
+            expected[(f"ampo_eval_{figure}", (("side", side), ("subset", subset)))] = value
+    expected[("ampo_eval_step", ())] = 7
+    assert exported == expected
+    if hard_only:  # the periodic hard-only evaluation: hard figures only, none under subset "all"
+        assert not any(dict(tags).get("subset") == "all" for _, tags in exported)
