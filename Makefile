@@ -9,7 +9,10 @@ CONFIG ?= configs/local.yaml
 $(BIN)/ampo: pyproject.toml scripts/setup.sh
 	PY=$(PY) bash scripts/setup.sh
 
-setup: $(BIN)/ampo
+# Always runs the script (AMPO_EXTRA=gpu make setup must not be a no-op on an existing .venv: the script refuses to
+# mix extras and says how to switch).
+setup:
+	PY=$(PY) bash scripts/setup.sh
 
 run: $(BIN)/ampo
 	$(BIN)/ampo run --config $(CONFIG)

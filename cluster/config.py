@@ -146,10 +146,9 @@ class LoggingConfig(BaseModel):
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level."""
-    metrics_host: str = "127.0.0.1"
-    """Address the Prometheus endpoints bind to; keep loopback unless a scraper needs more."""
     metrics_port: int = Field(9400, ge=0, le=65535)
-    """Port of the driver's Prometheus endpoint (0: pick a free one)."""
+    """Port of the Prometheus endpoint a local-mode Ray exports every role's series on (0: pick a free one;
+    `configs/prometheus-local.yml` scrapes 9400). On a cluster, Ray's own export ports serve them."""
     save_rollouts: bool = True
     """Write every scored group to `<run_dir>/rollouts/*.parquet`."""
     run_name: str | None = Field(None, min_length=1)
