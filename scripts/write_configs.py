@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILES: dict[str, tuple[str, list[str]]] = {
     "local.yaml": (
         "Local single-node mode on one CPU machine with the embedded SmolLM2-135M-Instruct model. Sized for about 25\n"
-        "# minutes on 2 cores while still learning visibly: 8 learner steps of 2 groups x 8 responses at lr 1e-4, no KL\n"
+        "# minutes on 2 cores while still learning visibly: 16 learner steps of one group of 8 responses at lr 1e-4, no KL\n"
         "# term (so no reference model to run; the paper uses 0.001), RL states and evaluation episodes of 2 turns.",
         [
             "cluster.address=local",
@@ -34,8 +34,8 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
             "learner.lr=1e-4",
             "learner.micro_batch_size=4",
             "learner.checkpoint_every=5",
-            "algorithm.groups_per_step=2",
-            "algorithm.total_steps=8",
+            "algorithm.groups_per_step=1",
+            "algorithm.total_steps=16",
             "algorithm.kl_coef=0",
             "algorithm.max_staleness=1",
             "bc.lr=2e-4",
@@ -46,7 +46,7 @@ PROFILES: dict[str, tuple[str, list[str]]] = {
             "eval.max_turns=2",
             "eval.max_episodes=3",
             "eval.judge.max_tokens=1024",
-            "data.demo_states=16",
+            "data.demo_states=12",
             "data.build_episodes=12",
         ],
     ),

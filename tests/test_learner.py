@@ -83,6 +83,34 @@ def test_collate_aligns_response_tokens_and_pads_dummy_rows() -> None:
     assert dummy["input_ids"].shape == (1, 1) and not dummy["mask"].any()
 
 
+def test_only_the_response_span_goes_through_the_lm_head_with_the_same_numbers(tiny_model_dir) -> None:
+    """The learner's log-probs (logits kept only where a response token is scored) equal those of the full logits,
+    for a trainable and an unscored sample of different prompt lengths alike; outside the span they are 0."""
+    from learner.loss import token_logprobs_and_entropy
+
+    setup = WorkerSetup(str(tiny_model_dir), LearnerConfig(**TINY_LEARNER), Schedule(lr=1e-3), AlgorithmConfig())
+    worker = LearnerWorker(0, 1, setup)
+    worker.setup("127.0.0.1", free_port())
+    try:
+        model, _ = worker._require_model()
+        rows = [TrainSample(tuple(range(5, 25)), (30, 31, 32), (-1.0,) * 3, 1.0),
+                TrainSample(tuple(range(5, 12)), (40, 41, 42, 43, 44), (-1.0,) * 5, -1.0, trainable=False)]
+        mb = worker._collate_rl(rows)
+        with torch.no_grad():
+            trimmed, entropy = worker._token_logprobs(model, mb)
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False).logits
+            full, full_entropy = token_logprobs_and_entropy(logits, mb["targets"], 1.0)
+            served = worker.logprobs(rows, 1)
+    finally:
+        worker.shutdown()
+    span = mb["response"]
+    assert span[1].sum() == 5 and not mb["mask"][1].any()  # the unscored row still has its response positions
+    torch.testing.assert_close(trimmed[span], full[span], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[span], full_entropy[span], rtol=0, atol=1e-5)
+    assert trimmed[:, :6].abs().sum() == 0  # before the first scored position (row 1 scores from 6 on)
+    assert served[1] == pytest.approx(full[1, 6:11].tolist(), abs=1e-5) and len(served[0]) == 3
+
+
 def test_hf_names_strip_wrapper_prefixes() -> None:
     assert hf_name("model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
     assert hf_name("_orig_mod.model.norm.weight") == "model.norm.weight"
