@@ -224,7 +224,8 @@ def _make_demos(args: argparse.Namespace) -> int:
         log.warning("no RL states given (--states or data.train_states): using the opening turn of every scenario "
                     "episode; states from `ampo build-states` cover later turns too")
         dataset = SotopiaDataset.load(config.data.scenarios)
-        states = opening_states(dataset, dataset.episodes(), hide_private_info=config.data.hide_private_info)
+        states = opening_states(dataset, dataset.episodes(), prompts=config.prompts.load(),
+                                hide_private_info=config.data.hide_private_info)
     states = states[: args.max_states] if args.max_states is not None else states
     expert_section = config.reward.judge
     if args.expert_url is not None:
@@ -235,7 +236,7 @@ def _make_demos(args: argparse.Namespace) -> int:
     with open_endpoint(expert_section, config.rollout, model_path=args.expert_model_path, what="expert") as expert:
         result = make_demos(
             states, expert=expert, expert_config=expert_section, out_path=out, modes=args.modes,
-            section_max_chars=args.section_chars, answer_max_chars=args.answer_chars,
+            section_max_chars=args.section_chars, answer_max_chars=args.answer_chars, prompts=config.prompts.load(),
         )
     print(result.describe())
     return 0

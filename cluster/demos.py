@@ -148,7 +148,7 @@ async def make_demos_async(
     section_max_chars: int = 400,
     answer_max_chars: int = 300,
     progress: bool = True,
-    prompts: PromptSet = DEFAULT_PROMPTS,
+    prompts: PromptSet,
 ) -> DemoReport:
     """`make_demos` inside a running event loop."""
     unknown = [m for m in modes if m not in MODES]
@@ -218,7 +218,7 @@ def make_demos(
     section_max_chars: int = 400,
     answer_max_chars: int = 300,
     progress: bool = True,
-    prompts: PromptSet = DEFAULT_PROMPTS,
+    prompts: PromptSet,
 ) -> DemoReport:
     """Ask the expert for every state × mode demonstration (template `prompts.demo`) and write the accepted ones as
     alpaca JSON records `{system, instruction, input: "", output}`, the layout of the authors' BC data, with
@@ -232,7 +232,7 @@ def make_demos(
 
 
 def opening_states(
-    dataset: SotopiaDataset, episode_ids: Iterable[int], *, hide_private_info: bool = False, prompts: PromptSet = DEFAULT_PROMPTS
+    dataset: SotopiaDataset, episode_ids: Iterable[int], *, prompts: PromptSet, hide_private_info: bool = False
 ) -> list[RLState]:
     """Turn-0 states (empty dialogue, priors 0) of the given episodes: demonstration prompts when no RL states
     exist yet. States from `build_states` cover later turns as well."""

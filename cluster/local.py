@@ -39,6 +39,7 @@ def run_local(config: Config) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(dump_config(config))
     base = resolve_model(config.rollout.model)
     dataset = SotopiaDataset.load(config.data.scenarios)
+    prompts = config.prompts.load()
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"run_dir": str(run_dir), "timings_s": timings}
     started = time.monotonic()
@@ -51,8 +52,10 @@ def run_local(config: Config) -> dict[str, Any]:
         log.info("[1/6] demonstrations: the expert writes each opening state in all four thinking modes")
         demos = stages.demos_path(config)
         if not demos.is_file():
-            states = opening_states(dataset, select_episodes(dataset, max_episodes=config.data.demo_states))
-            demo_report = make_demos(states, expert=judge, expert_config=config.reward.judge, out_path=demos)
+            states = opening_states(dataset, select_episodes(dataset, max_episodes=config.data.demo_states),
+                                    prompts=prompts, hide_private_info=config.data.hide_private_info)
+            demo_report = make_demos(states, expert=judge, expert_config=config.reward.judge, out_path=demos,
+                                     prompts=prompts)
             summary["demos"] = demo_report.describe()
             log.info(demo_report.describe())
         stage("demonstrations")

@@ -170,7 +170,7 @@ async def test_make_demos_all_pass_the_format_checker(tmp_path):
     with FaultServer(FaultConfig(answer=expert_answer)) as server:
         expert_config = judge_config(server.base_url, parse_rounds=2, greedy_rounds=1, max_tokens=64)
         result = await make_demos_async(states, expert=Endpoint(server.base_url, "fault-judge"),
-                                        expert_config=expert_config, out_path=out, progress=False)
+                                        expert_config=expert_config, out_path=out, progress=False, prompts=DEFAULT_PROMPTS)
         # Every request asked for the schema of its mode (structured output).
         assert all(entry.structured for entry in server.log)
         asked = server.counts()["ok"]
@@ -194,7 +194,7 @@ async def test_make_demos_all_pass_the_format_checker(tmp_path):
     # A re-run asks nothing and writes the same file.
     with FaultServer(FaultConfig(answer=expert_answer)) as server:
         again = await make_demos_async(states, expert=Endpoint(server.base_url, "fault-judge"),
-                                       expert_config=expert_config, out_path=out, progress=False)
+                                       expert_config=expert_config, out_path=out, progress=False, prompts=DEFAULT_PROMPTS)
         assert server.counts() == {}
     assert again.from_earlier_run == 12 and json.loads(out.read_text()) == records
 
