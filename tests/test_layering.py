@@ -33,3 +33,19 @@ def test_the_doubles_live_outside_the_roles():
     for role in ROLES:
         for path in (ROOT / role).rglob("*.py"):
             assert "class FaultServer" not in path.read_text() and "def build_tiny_model" not in path.read_text(), path
+
+
+def test_the_repository_stands_alone():
+    """No file points at documents users do not have (the team's private spec, design notes or shared folder)."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    private = ("spec §", "ampo_spec", "../shared", "ARCHITECTURE.md", "anchors.md")
+    offenders = [
+        f"{name}: {marker}"
+        for name in files
+        if name.endswith((".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".sh", ".json")) and (ROOT / name).is_file()
+        for marker in private
+        if marker in (ROOT / name).read_text(errors="ignore") and name != "tests/test_layering.py"
+    ]
+    assert offenders == []
