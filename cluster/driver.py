@@ -298,6 +298,7 @@ class TrainingDriver:
     ) -> None:
         self.config = config
         self.prompts = config.prompts.load()
+        self.system_prompt = self.prompts.system.render()  # rendered once: every issued group needs it
         self.states = list(states)
         self.policy_path = Path(policy_path)
         self.judge_url = judge_url
@@ -426,7 +427,7 @@ class TrainingDriver:
         and say how many (the same data and tokenizer give the same list, so a resumed run's cursor still fits)."""
         limit = self.config.rollout.max_prompt_tokens
         total = len(self.states)
-        system = self.prompts.system.render()
+        system = self.system_prompt
         other = sum(state.system_prompt is not None and state.system_prompt != system for state in self.states)
         if other:
             log.warning("%d of %d RL states carry a system prompt other than prompts.system (%s); they keep their own. "
@@ -521,7 +522,7 @@ class TrainingDriver:
         request = GroupRequest(
             group_id=f"g{group_index}",
             state_id=state.state_id,
-            messages=tuple(state.messages(state.system_prompt or self.prompts.system.render())),
+            messages=tuple(state.messages(state.system_prompt or self.system_prompt)),
             sampling=SamplingSpec(
                 n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                 max_tokens=rollout.max_response_tokens,

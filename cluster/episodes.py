@@ -325,6 +325,7 @@ class EpisodeRunner:
         """Advance every episode in play by one turn, or end it."""
         by_model: list[_Turn] = []
         by_partner: list[_Turn] = []
+        system = self.prompts.system.render()
         for play in active:
             speaker = speaker_of(play.turn)
             name = (play.agent1, play.agent2)[speaker - 1].name
@@ -334,7 +335,7 @@ class EpisodeRunner:
             model_speaks = self.partner is None or speaker == play.model_agent
             messages = [{"role": "user", "content": user}]
             if model_speaks and self.thinking:
-                messages.insert(0, {"role": "system", "content": self.prompts.system.render()})
+                messages.insert(0, {"role": "system", "content": system})
             if self.count_tokens is not None and self.count_tokens(messages) > self.max_prompt_tokens:
                 play.dialog.append(slot)
                 play.end_reason = "prompt_too_long"
