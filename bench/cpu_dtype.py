@@ -35,7 +35,7 @@ def measure() -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cluster.models import resolve_model
+    from cluster.sources import resolve_model
 
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (BATCH, SEQ))
@@ -60,7 +60,7 @@ def main() -> None:
         return
 
     from actors.precision import resolve_dtype
-    from cluster.models import resolve_model
+    from cluster.sources import resolve_model
 
     resolve_model("embedded")  # convert once, outside the timed children
     sets = {"native": ({}, resolve_dtype("auto", what="bench", device="cpu")), "avx2": (AVX2_ENV, "float32")}

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from testing.tiny_model import build_tiny_model  # noqa: E402
 from learner.config import AlgorithmConfig, LearnerConfig  # noqa: E402
 from learner.loss import policy_loss, token_logprobs_and_entropy  # noqa: E402
-from learner.worker import LearnerWorker, Schedule, TrainSample, WorkerSetup, free_port  # noqa: E402
+from learner.batches import TrainSample  # noqa: E402
+from learner.worker import LearnerWorker, Schedule, WorkerSetup, free_port  # noqa: E402
 
 SEQUENCES = 8
 PROMPT_TOKENS = 256

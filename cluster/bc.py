@@ -22,13 +22,13 @@ def run_bc_command(
     `cluster.address` says and shut down again when this call started it."""
     import ray
 
-    from cluster.models import resolve_model
+    from cluster.sources import resolve_data, resolve_model
     from cluster.ray_cluster import MACHINE_CORES, bc_rank_options, connect, learner_core_sets
     from learner.bc import run_bc
 
     source = data if data is not None else existing(demos_path(config), "demonstrations", "make-demos", "data.bc_data")
-    records = [record.model_dump() for record in load_bc_records(Path(source), check_format=True)]
-    model = Path(model_path) if model_path is not None else resolve_model(config.rollout.model)
+    records = [record.model_dump() for record in load_bc_records(resolve_data(source), check_format=True)]
+    model = resolve_model(model_path if model_path is not None else config.rollout.model)
     out = Path(out_dir) if out_dir is not None else bc_model_path(config)
     started_ray = not ray.is_initialized()
     connect(config)

@@ -21,6 +21,7 @@ from typing import Any
 
 from cluster.commands import register_pipeline_commands
 from cluster.config import ConfigError, config_template, dump_config, load_config
+from cluster.sources import SourceError
 
 log = logging.getLogger("ampo")
 
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ampo: config error: {exc}", file=sys.stderr)
         return 2
+    except SourceError as exc:
+        print(f"ampo: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -113,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from actors.states import read_states
     from cluster.driver import TrainingDriver
-    from cluster.models import resolve_model
+    from cluster.sources import resolve_model
     from cluster.endpoints import Endpoint, judge_endpoint
     from cluster.evaluation import driver_evaluation
     from cluster.preflight import preflight

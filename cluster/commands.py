@@ -94,7 +94,7 @@ def register_pipeline_commands(sub: argparse._SubParsersAction) -> None:
 
     states = sub.add_parser("build-states", help="play self-play episodes and write judged RL states (Parquet)")
     _add_config_args(states)
-    states.add_argument("--policy", type=Path, help="policy model folder (default: rollout.model)")
+    states.add_argument("--policy", help="policy model: folder or Hub id (default: rollout.model)")
     states.add_argument("--out", type=Path, help="output Parquet (default: data.train_states, else <run_dir>/train_rl.parquet)")
     states.add_argument("--episodes", type=_int_list, help="episode ids, comma-separated (default: all)")
     states.add_argument("--max-episodes", type=int, help="play only the first N episodes")
@@ -111,21 +111,21 @@ def register_pipeline_commands(sub: argparse._SubParsersAction) -> None:
         "scenarios are used.",
     )
     _add_config_args(demos)
-    demos.add_argument("--states", type=Path, help="RL states file (default: data.train_states)")
+    demos.add_argument("--states", help="RL states file or hf:// file (default: data.train_states)")
     demos.add_argument("--out", type=Path, help="output JSON (default: data.bc_data, else <run_dir>/demos.json)")
     demos.add_argument("--modes", type=_int_list, default=[1, 2, 3, 4], help="thinking modes, comma-separated")
     demos.add_argument("--max-states", type=int, help="use only the first N states")
     demos.add_argument("--expert-url", help="OpenAI-compatible base URL of the expert, or `local`")
     demos.add_argument("--expert-model", help="model name at that URL")
-    demos.add_argument("--expert-model-path", type=Path, help="model folder a `local` expert serves (default: rollout.model)")
+    demos.add_argument("--expert-model-path", help="model (folder or Hub id) a `local` expert serves (default: rollout.model)")
     demos.add_argument("--section-chars", type=int, default=400, help="longest text of one thinking section")
     demos.add_argument("--answer-chars", type=int, default=300, help="longest answer")
     demos.set_defaults(handler=_handler(_make_demos))
 
     bc = sub.add_parser("bc", help="behaviour cloning of the thinking modes; writes a HF model folder")
     _add_config_args(bc)
-    bc.add_argument("--data", type=Path, help="alpaca records (default: data.bc_data, else <run_dir>/demos.json)")
-    bc.add_argument("--model", type=Path, help="initial model folder (default: rollout.model)")
+    bc.add_argument("--data", help="alpaca records, a file or hf:// file (default: data.bc_data, else <run_dir>/demos.json)")
+    bc.add_argument("--model", help="initial model: folder or Hub id (default: rollout.model)")
     bc.add_argument("--out", type=Path, help="output folder (default: bc.output, else <run_dir>/bc_model)")
     bc.set_defaults(handler=_handler(_bc))
 
@@ -135,7 +135,7 @@ def register_pipeline_commands(sub: argparse._SubParsersAction) -> None:
         description="Resumable: re-running on the same --out continues where it stopped.",
     )
     _add_config_args(evaluation)
-    evaluation.add_argument("--policy", type=Path, help="policy model folder (default: rollout.model)")
+    evaluation.add_argument("--policy", help="policy model: folder or Hub id (default: rollout.model)")
     evaluation.add_argument("--out", type=Path, help="results JSONL (default: <run_dir>/eval/<policy>-<mode>-<subset>.jsonl)")
     evaluation.add_argument("--subset", choices=["all", "hard"], default="all", help="all episodes or the hard subset")
     evaluation.add_argument("--max-episodes", type=int, help="evaluate only the first N (default: eval.max_episodes)")
@@ -162,22 +162,22 @@ def _config(args: argparse.Namespace, overrides: Sequence[str] | None = None) ->
 # ---- data check --------------------------------------------------------------------------------------------------
 
 
-def _configured_data(config: Config) -> Iterator[Path]:
+def _configured_data(config: Config) -> Iterator[str | Path]:
     from actors.sotopia import BUNDLED_SCENARIOS
 
     yield config.data.scenarios or BUNDLED_SCENARIOS
-    for path in (config.data.train_states, config.data.bc_data):
-        if path is not None:
-            yield path
+    for spec in (config.data.train_states, config.data.bc_data):
+        if spec is not None:
+            yield spec
 
 
 def _data_check(args: argparse.Namespace) -> int:
     from cluster.data_check import check_data
-    from cluster.data_check import fetch_hub_file
+    from cluster.sources import resolve_data
 
     paths, overrides = _split_items(args.items)
     config = _config(args, overrides)
-    targets = [fetch_hub_file(p) if p.startswith("hf://") else Path(p) for p in paths] or list(_configured_data(config))
+    targets = [resolve_data(spec) for spec in (paths or _configured_data(config))]
     prompts = config.prompts.load()
     checks = [
         check_data(path, max_errors=args.max_errors, prompts=prompts, hide_private_info=config.data.hide_private_info)
@@ -198,7 +198,7 @@ def _build_states(args: argparse.Namespace) -> int:
     from cluster.states import build_states
 
     config = _config(args)
-    out = args.out or stages.states_path(config)
+    out = args.out or stages.states_path(config, writing=True)
     if out.suffix != ".parquet":
         raise ConfigError(f"build-states writes Parquet; {out} does not end in .parquet (give --out)")
     with open_endpoint(config.reward.judge, config.rollout, what="goal judge") as judge:
@@ -215,15 +215,16 @@ def _make_demos(args: argparse.Namespace) -> int:
     from actors.states import read_states
     from cluster.demos import make_demos, opening_states
     from cluster.endpoints import open_endpoint
+    from cluster.sources import resolve_data
 
     config = _config(args)
     source = args.states or config.data.train_states
     if source is not None:
-        states = read_states(source)
+        states = read_states(resolve_data(source))
     else:
         log.warning("no RL states given (--states or data.train_states): using the opening turn of every scenario "
                     "episode; states from `ampo build-states` cover later turns too")
-        dataset = SotopiaDataset.load(config.data.scenarios)
+        dataset = SotopiaDataset.load(stages.scenarios_path(config))
         states = opening_states(dataset, dataset.episodes(), prompts=config.prompts.load(),
                                 hide_private_info=config.data.hide_private_info)
     states = states[: args.max_states] if args.max_states is not None else states
@@ -232,7 +233,7 @@ def _make_demos(args: argparse.Namespace) -> int:
         expert_section = expert_section.model_copy(update={"base_url": args.expert_url})
     if args.expert_model is not None:
         expert_section = expert_section.model_copy(update={"model": args.expert_model})
-    out = args.out or stages.demos_path(config)
+    out = args.out or stages.demos_path(config, writing=True)
     with open_endpoint(expert_section, config.rollout, model_path=args.expert_model_path, what="expert") as expert:
         result = make_demos(
             states, expert=expert, expert_config=expert_section, out_path=out, modes=args.modes,

@@ -16,19 +16,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from actors.config import DataConfig, RolloutConfig
+from actors.config import ConfigSection, DataConfig, RolloutConfig
 from learner.config import AlgorithmConfig, BCConfig, LearnerConfig
 from prompts import PromptSet, TemplateError
 from prompts import default_path as default_prompt_path
 from reward.config import JudgeConfig, RewardConfig
 
 
-class ClusterConfig(BaseModel):
+class ClusterConfig(ConfigSection):
     """Where the roles run."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     address: str = "local"
     """Ray cluster to join: `local` starts a private single-node Ray on 127.0.0.1, `auto` joins the cluster
@@ -50,9 +48,11 @@ class ClusterConfig(BaseModel):
     reward_cpus_per_actor: float = Field(0.5, gt=0)
     """CPUs reserved for each reward actor."""
     rollout_resources: dict[str, float] = {}
-    """Extra Ray resources in each rollout bundle, to pin rollout actors to node types (e.g. {"rollout_node": 1})."""
+    """Custom Ray resources the rollout role asks for in total, shared out over its actors, to pin it to node types:
+    {"rollout_node": 1} puts every rollout actor on nodes started with `--resources '{"rollout_node": 1}'`."""
     learner_resources: dict[str, float] = {}
-    """Extra Ray resources in each learner bundle (e.g. {"learner_node": 1})."""
+    """Custom Ray resources the learner role asks for in total, shared out over its ranks (e.g. {"learner_node": 1}:
+    every rank on nodes started with `--resources '{"learner_node": 1}'`)."""
     run_dir: Path = Path("runs/default")
     """Run directory: resolved config, rollouts (Parquet), metrics (JSONL), checkpoints, reports. `{section.field}`
     placeholders are filled from the config, e.g. `runs/llama-{algorithm.estimator}-seed{cluster.seed}` gives a
@@ -72,10 +72,8 @@ class ChatModelConfig(JudgeConfig):
     """Nucleus-sampling mass of the partner's replies (paper: 1, no truncation)."""
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(ConfigSection):
     """Sotopia evaluation: full episodes judged on 7 dimensions (docs/protocol.md, Evaluation)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     every_steps: int = Field(50, ge=0)
     """Evaluate every this many learner steps (0: only before and after training)."""
@@ -100,13 +98,11 @@ class EvalConfig(BaseModel):
     the partner's is."""
 
 
-class PromptsConfig(BaseModel):
+class PromptsConfig(ConfigSection):
     """Every text the system sends to a model is a template file: `ampo:<name>.txt` is the project's own file
     (shipped in the package's `prompts/` folder), any other value a path. Templates are Jinja2 text (`{{ name }}`
     inserts a value); one that uses an unknown value or misses a required one stops the run at start-up, naming the
     file. docs/fidelity.md lists what each template holds, side by side with the authors' prompts."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     system: str = default_prompt_path("system")
     """The policy's system prompt: the four thinking modes and the output format (no values)."""
@@ -139,10 +135,8 @@ class PromptsConfig(BaseModel):
         return PromptSet.load(self.model_dump())
 
 
-class LoggingConfig(BaseModel):
+class LoggingConfig(ConfigSection):
     """What a run writes and exposes."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level."""
@@ -163,10 +157,8 @@ class LoggingConfig(BaseModel):
     wandb`."""
 
 
-class Config(BaseModel):
+class Config(ConfigSection):
     """A whole AMPO run."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     cluster: ClusterConfig = ClusterConfig()
     """Ray placement and the run directory."""

@@ -249,13 +249,3 @@ def check_data(
     if _looks_like_bc(rows[0]):
         return _check_bc_file(path, prompts, max_errors)
     return _check_states_file(path, prompts, max_errors)
-
-
-def fetch_hub_file(spec: str) -> Path:
-    """`hf://<owner>/<dataset>/<path in the repo>` → the downloaded local file (needs the Hub)."""
-    from huggingface_hub import hf_hub_download
-
-    parts = spec.removeprefix("hf://").split("/", 2)
-    if len(parts) != 3 or not all(parts):
-        raise ValueError(f"{spec!r}: expected hf://<owner>/<dataset>/<file path>")
-    return Path(hf_hub_download(repo_id=f"{parts[0]}/{parts[1]}", filename=parts[2], repo_type="dataset"))

@@ -38,19 +38,20 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import yaml
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
 from actors.records import GroupRequest, SamplingSpec, ScoredGroup, scored_groups_to_table
 from actors.states import RLState, chat_token_counter, fit_states
+from cluster.accounting import Counts, DriverMetrics, Occupancy, batch_statistics
 from cluster.config import Config, ConfigError, dump_config, experiment_differences
-from cluster.metrics import GROUP_STAGES, eval_series, run_label
+from cluster.data_order import DataCursor, StateStream
+from cluster.metrics import run_label
+from cluster.router import ACTOR_LOST, RolloutRouter
 from cluster.trackers import Trackers
 from learner.ampo import informative_groups
 from learner.checkpoint import read_checkpoint, resolve_resume
@@ -60,221 +61,6 @@ from learner.queue import create_replay_queue
 from reward.modes import MODES
 
 log = logging.getLogger(__name__)
-
-_ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
-
-
-@dataclass
-class DataCursor:
-    """Where the driver is in the stream of RL states (JSON in checkpoints)."""
-
-    seed: int
-    epoch: int = 0
-    position: int = 0
-    issued: int = 0
-    """Groups issued since the start of training (group ids are `g<issued index>`)."""
-    pending: list[list[Any]] = field(default_factory=list)
-    """[group index, state index] of groups issued but not yet in the queue: re-issued first on resume."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "issued": self.issued, "pending": self.pending}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DataCursor:
-        return cls(**data)
-
-
-class StateStream:
-    """RL states in a seeded order, epoch after epoch (shuffled per epoch when `shuffle`)."""
-
-    def __init__(self, states: Sequence[RLState], cursor: DataCursor, shuffle: bool) -> None:
-        if not states:
-            raise ValueError("no RL states to train on")
-        self.states = states
-        self.cursor = cursor
-        self.shuffle = shuffle
-        self._order = self._epoch_order(cursor.epoch)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.states))
-        return np.random.default_rng([self.cursor.seed, epoch]).permutation(len(self.states))
-
-    def next_index(self) -> int:
-        if self.cursor.position >= len(self._order):
-            self.cursor.epoch += 1
-            self.cursor.position = 0
-            self._order = self._epoch_order(self.cursor.epoch)
-        index = int(self._order[self.cursor.position])
-        self.cursor.position += 1
-        return index
-
-
-@dataclass
-class Counts:
-    """Groups at each stage; the accounting identity is checked at the end of a run."""
-
-    issued: int = 0
-    generated: int = 0
-    scored: int = 0
-    queued: int = 0
-    refused: int = 0
-    """Refused by the queue at put (too stale or a duplicate)."""
-    dropped: int = 0
-    """Accepted, then dropped from the queue because a newer policy made them too stale."""
-    consumed: int = 0
-    filtered: int = 0
-    """Scored, then left out without a gradient signal (`algorithm.filter_uninformative`); replaced."""
-    resubmitted_rollout: int = 0
-    resubmitted_reward: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-class DriverMetrics:
-    """Driver-side Prometheus series (ray.util.metrics; exported by Ray's metrics agent with a `ray_` prefix).
-    Names are fixed and documented in docs/metrics.md. `run` names the run: the `run` tag of these series and of
-    every series the actors of this run create (`actors.run_metrics`)."""
-
-    def __init__(self, run: str | None = None) -> None:
-        from actors.run_metrics import Counter, Gauge, publish_run
-
-        if run is not None:
-            publish_run(run)
-
-        self.version = Gauge("ampo_policy_version", "Policy version of the learner.")
-        self.step = Gauge("ampo_learner_step", "Learner steps completed.")
-        self.step_seconds = Gauge("ampo_learner_step_seconds", "Wall time of the last learner step.")
-        self.reward_mean = Gauge("ampo_reward_mean", "Mean reward of the scored samples of the last step.")
-        self.format_error_ratio = Gauge("ampo_format_error_ratio", "Fraction of format errors in the last step.")
-        self.mode_fraction = Gauge("ampo_mode_fraction", "Fraction of valid samples per thinking mode.", tag_keys=("mode",))
-        self.mode_tokens = Gauge("ampo_mode_tokens", "Mean response tokens per thinking mode.", tag_keys=("mode",))
-        self.advantage_mean = Gauge("ampo_advantage_mean", "Mean advantage per mode.", tag_keys=("mode",))
-        self.advantage_std = Gauge("ampo_advantage_std", "Advantage standard deviation per mode.", tag_keys=("mode",))
-        self.kl = Gauge("ampo_kl", "k3 KL to the reference policy (token mean).")
-        self.entropy = Gauge("ampo_entropy", "Policy entropy (token mean).")
-        self.grad_norm = Gauge("ampo_grad_norm", "Gradient norm before clipping.")
-        self.learner_tokens_per_s = Gauge("ampo_learner_tokens_per_second", "Learner throughput of the last step.")
-        self.in_flight = Gauge("ampo_groups_in_flight", "Groups issued and not yet in the replay queue.")
-        self.staleness = Gauge("ampo_staleness", "Mean policy-version lag of the groups of the last step.")
-        self.mode_term_group_ratio = Gauge(
-            "ampo_mode_term_group_ratio", "Share of the last step's groups that get AMPO's mode-level term."
-        )
-        self.logprob_mismatch = Gauge(
-            "ampo_logprob_mismatch", "Mean |learner - engine| log-prob of the last step's current-version tokens."
-        )
-        self.unscored_ratio = Gauge("ampo_unscored_ratio", "Share of the last step's samples the judge could not score.")
-        self.groups = Counter("ampo_driver_groups_total", "Groups per pipeline stage.", tag_keys=("stage",))
-        self.groups.zero(stage=GROUP_STAGES)
-        self.eval_goal = Gauge(
-            "ampo_eval_goal", "Evaluation GOAL (0-10) by episode subset and side.", tag_keys=("subset", "side")
-        )
-        self.eval_overall = Gauge(
-            "ampo_eval_overall", "Evaluation overall score by episode subset and side.", tag_keys=("subset", "side")
-        )
-        self.eval_episodes = Gauge("ampo_eval_episodes", "Episodes the last evaluation scored.")
-        self.eval_excluded = Gauge("ampo_eval_excluded_episodes", "Episodes the last evaluation left out.")
-        self.eval_step = Gauge("ampo_eval_step", "Learner step of the last evaluation.")
-
-    def record_eval(self, step: int, results: dict[str, float]) -> None:
-        """Set the evaluation gauges from the `eval/*` results that go to metrics.jsonl."""
-        gauges = {g.info["name"]: g for g in (self.eval_goal, self.eval_overall, self.eval_episodes, self.eval_excluded)}
-        series, unexported = eval_series(results)
-        for name, value, tags in series:
-            gauges[name].set(value, tags=tags or None)
-        self.eval_step.set(step)
-        if unexported:
-            log.warning("evaluation results without a Prometheus gauge (metrics.jsonl only): %s", ", ".join(unexported))
-
-    def record_step(self, metrics: dict[str, float]) -> None:
-        self.version.set(metrics["version"])
-        self.step.set(metrics["step"])
-        self.step_seconds.set(metrics["step_seconds"])
-        self.reward_mean.set(metrics["reward_mean"])
-        self.format_error_ratio.set(metrics["format_error_ratio"])
-        self.kl.set(metrics.get("kl", 0.0))
-        self.entropy.set(metrics.get("entropy", 0.0))
-        self.grad_norm.set(metrics.get("grad_norm", 0.0))
-        self.learner_tokens_per_s.set(metrics.get("tokens_per_s", 0.0))
-        self.staleness.set(metrics["staleness"])
-        self.mode_term_group_ratio.set(metrics.get("mode_term_group_ratio", 0.0))
-        self.unscored_ratio.set(metrics["unscored_ratio"])
-        self.logprob_mismatch.set(metrics.get("logprob_mismatch", 0.0))  # absent only on a skipped step
-        for mode in MODES:
-            tags = {"mode": str(mode)}
-            self.mode_fraction.set(metrics[f"mode_fraction/{mode}"], tags=tags)
-            self.mode_tokens.set(metrics.get(f"mode_tokens/{mode}") or 0.0, tags=tags)
-            self.advantage_mean.set(metrics[f"adv_mean/{mode}"], tags=tags)
-            self.advantage_std.set(metrics[f"adv_std/{mode}"], tags=tags)
-
-
-def eval_goal_series(results: dict[str, float]) -> list[tuple[float, dict[str, str]]]:
-    """The GOAL figures of an evaluation's results as gauge values: `subset` is `all` or `hard` (the periodic
-    hard-subset evaluations included), `side` is `actor`, `opponent` or `avg`."""
-    return [(value, tags) for name, value, tags in eval_series(results)[0] if name == "ampo_eval_goal"]
-
-
-def batch_statistics(groups: Sequence[ScoredGroup], version: int) -> dict[str, float]:
-    """Reward, format and mode statistics of the groups one learner step consumes (those the authors' code logs)."""
-    samples = [s for g in groups for s in g.samples]
-    rewards = [s.reward for s in samples if s.reward is not None]
-    stats: dict[str, float] = {
-        "samples": float(len(samples)),
-        "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
-        "format_error_ratio": sum(not s.format_valid for s in samples) / max(len(samples), 1),
-        "unscored_ratio": sum(s.reward is None for s in samples) / max(len(samples), 1),
-        "staleness": float(np.mean([version - g.policy_version for g in groups])) if groups else 0.0,
-        "response_tokens_mean": float(np.mean([s.response_length for s in samples])) if samples else 0.0,
-    }
-    valid = [s for s in samples if s.mode is not None]
-    for mode in MODES:
-        of_mode = [s for s in valid if s.mode == mode]
-        stats[f"mode_fraction/{mode}"] = len(of_mode) / max(len(samples), 1)
-        stats[f"mode_count/{mode}"] = float(len(of_mode))
-        stats[f"mode_tokens/{mode}"] = float(np.mean([s.response_length for s in of_mode])) if of_mode else None
-    return stats
-
-
-class RolloutRouter:
-    """Sends group requests to the least-loaded rollout actor; re-sends the group when an actor dies and
-    brings a restarted actor back to the current weights before it serves again."""
-
-    def __init__(self, actors: Sequence[Any], resync: Callable[[], Awaitable[None]], counts: Counts) -> None:
-        self.actors = list(actors)
-        self.load = [0] * len(self.actors)
-        self._resync = resync
-        self._resyncing: asyncio.Lock = asyncio.Lock()
-        self.counts = counts
-
-    async def generate(self, request: GroupRequest) -> Any:
-        while True:
-            index = min(range(len(self.actors)), key=lambda i: self.load[i])
-            self.load[index] += 1
-            try:
-                return await self.actors[index].generate.remote(request)
-            except _ACTOR_LOST as exc:
-                self.counts.resubmitted_rollout += 1
-                log.warning(
-                    "rollout actor %d was lost while generating group %s (%s); Ray restarts it and the group is sent again",
-                    index, request.group_id, type(exc).__name__,
-                )
-                await self._after_loss(index)
-            finally:
-                self.load[index] -= 1
-
-    async def _after_loss(self, index: int) -> None:
-        async with self._resyncing:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                try:
-                    await self.actors[index].health.remote()
-                    break
-                except _ACTOR_LOST:
-                    await asyncio.sleep(1.0)
-            else:
-                raise RuntimeError(f"rollout actor {index} did not come back within 600 s")
-            await self._resync()
 
 
 class TrainingDriver:
@@ -326,35 +112,24 @@ class TrainingDriver:
         self._filtered_this_step = 0
         self._filter_cap_reached = False
         self.metrics = DriverMetrics(run_label(config))
+        self.counts.series = self.metrics.groups
+        self.learner_busy = Occupancy(1)
+        """The learner computing a step; its idle share is the time it waited for a batch or a weight push."""
+        self.judge_load = Occupancy(config.reward.num_actors * config.reward.judge.max_concurrency)
+        """Samples in the reward pool against its judge concurrency: saturated while calls queue in the pool."""
         self.trackers = Trackers.for_run(config)
         """TensorBoard / W&B copies of every metrics.jsonl record (`logging.tensorboard`, `logging.wandb`)."""
 
     # ----------------------------------------------------------------------------------------------- roles
 
     def start_roles(self) -> None:
-        from actors.rollout import rollout_actor_options
-        from cluster.ray_cluster import learner_core_sets, place_role, role_bundles
+        from cluster.ray_cluster import learner_core_sets, place_role, role_bundles, start_rollout_role
         from reward.pool import RewardPool
 
         config = self.config
-        bundles = role_bundles(config)
-        rollout_place = place_role("rollout", bundles["rollout"])
-        learner_place = place_role("learner", bundles["learner"])
+        self.rollout_actors, rollout_place = start_rollout_role(config, self.policy_path)
+        learner_place = place_role("learner", role_bundles(config)["learner"])
         self.placements = [rollout_place, learner_place]
-        from actors.rollout import RolloutActor
-
-        remote = ray.remote(RolloutActor)
-        self.rollout_actors = [
-            remote.options(
-                **rollout_actor_options(
-                    config.rollout,
-                    num_cpus=bundles["rollout"][i]["CPU"],
-                    num_gpus=bundles["rollout"][i].get("GPU", 0),
-                    **rollout_place.options(i),
-                )
-            ).remote(config.rollout, str(self.policy_path), actor_index=i)
-            for i in range(config.rollout.num_actors)
-        ]
         self.reward_pool = RewardPool(
             config.reward,
             self.policy_path,
@@ -530,8 +305,7 @@ class TrainingDriver:
             context=state.reward_context(),
         )
         self._pending[request.group_id] = [state_index, "issued"]
-        self.counts.issued += 1
-        self.metrics.groups.inc(tags={"stage": "issued"})
+        self.counts.add("issued")
         task = asyncio.create_task(self._produce(request, group_index))
         self._tasks[request.group_id] = task
         task.add_done_callback(lambda t, gid=request.group_id: self._on_task_done(gid, t))
@@ -546,36 +320,34 @@ class TrainingDriver:
     async def _produce(self, request: GroupRequest, group_index: int) -> None:
         group = await self.router.generate(request)
         self._pending[request.group_id][1] = "generated"
-        self.counts.generated += 1
-        self.metrics.groups.inc(tags={"stage": "generated"})
-        while True:
-            try:
-                scored = await self.reward_pool.score(group)
-                break
-            except _ACTOR_LOST as exc:
-                self.counts.resubmitted_reward += 1
-                log.warning("a reward actor was lost scoring group %s (%s); scoring it again", request.group_id, type(exc).__name__)
-                await asyncio.sleep(1.0)
+        self.counts.add("generated")
+        self.judge_load.change(len(group.samples))
+        def rescore(state: RetryCallState) -> None:
+            self.counts.add("resubmitted_reward")
+            log.warning("a reward actor was lost scoring group %s (%s); scoring it again", request.group_id,
+                        type(state.outcome.exception()).__name__)
+
+        try:  # Ray restarts a lost reward actor; the group is sent to the pool again until it is scored
+            scoring = AsyncRetrying(wait=wait_fixed(1.0), retry=retry_if_exception_type(ACTOR_LOST), before_sleep=rescore)
+            scored = await scoring(self.reward_pool.score, group)
+        finally:
+            self.judge_load.change(-len(group.samples))
         self._pending[request.group_id][1] = "scored"
-        self.counts.scored += 1
-        self.metrics.groups.inc(tags={"stage": "scored"})
+        self.counts.add("scored")
         if self._filter_out(scored):
             self._pending.pop(request.group_id, None)
-            self.counts.filtered += 1
+            self.counts.add("filtered")
             self._filtered_this_step += 1
-            self.metrics.groups.inc(tags={"stage": "filtered"})
             self._top_up()  # its capacity goes to a replacement at once
             return
         result = await self.queue.put.remote(scored)
         self._pending.pop(request.group_id, None)
         if result == "accepted":
-            self.counts.queued += 1
-            self.metrics.groups.inc(tags={"stage": "queued"})
+            self.counts.add("queued")
             if self.config.logging.save_rollouts:
                 self._rollout_buffer.append(scored)
         else:
-            self.counts.refused += 1
-            self.metrics.groups.inc(tags={"stage": "refused"})
+            self.counts.add("refused")
             log.info("the replay queue refused group %s (%s); a replacement is issued", request.group_id, result)
             self._top_up()
 
@@ -617,15 +389,17 @@ class TrainingDriver:
         stats["filtered_groups"] = float(self._filtered_this_step)
         self._filtered_this_step = 0
         self._filter_cap_reached = False
-        step_metrics = await asyncio.to_thread(self.learner.step, groups, self.version)
-        self.counts.consumed += len(groups)
-        self.metrics.groups.inc(len(groups), tags={"stage": "consumed"})
+        self.learner_busy.change(+1)
+        try:
+            step_metrics = await asyncio.to_thread(self.learner.step, groups, self.version)
+        finally:
+            self.learner_busy.change(-1)
+        self.counts.add("consumed", len(groups))
         self.step += 1
         self.version += 1
         dropped = await self.queue.set_version.remote(self.version)
+        self.counts.add("dropped", dropped)
         if dropped:
-            self.counts.dropped += dropped
-            self.metrics.groups.inc(dropped, tags={"stage": "dropped"})
             log.info("%d waiting group(s) became too stale for policy version %d; replacements are issued", dropped, self.version)
         push = self.learner.publish(self.version)
         if algorithm.max_staleness == 0:
@@ -635,6 +409,9 @@ class TrainingDriver:
             self._push_landed(report)
         else:
             push.add_done_callback(_on_loop(asyncio.get_running_loop(), lambda f: self._push_landed(f.result())))
+        stats["idle/rollout"] = self.router.occupancy.window()[0]
+        stats["idle/learner"] = self.learner_busy.window()[0]
+        stats["saturated/judge"] = self.judge_load.window()[1]
         record = {"step": self.step, "version": self.version, "time": time.time(), **stats, **step_metrics}
         self._log_step(record)
         if self.evaluate is not None and self.config.eval.every_steps and self.step % self.config.eval.every_steps == 0:
@@ -650,10 +427,12 @@ class TrainingDriver:
         self.trackers.log(self.step, record)
         modes = " ".join(f"m{m}={record[f'mode_fraction/{m}']:.2f}" for m in MODES)
         log.info(
-            "step %d/%d  reward %.3f  format errors %.0f%%  unscored %.0f%%  %s  kl %.4f  entropy %.3f  %.1f s  in flight %d",
+            "step %d/%d  reward %.3f  format errors %.0f%%  unscored %.0f%%  %s  kl %.4f  entropy %.3f  %.1f s  in flight %d  "
+            "idle: engines %.0f%% learner %.0f%%  judge full %.0f%%",
             self.step, self.config.algorithm.total_steps, record["reward_mean"], 100 * record["format_error_ratio"],
             100 * record["unscored_ratio"], modes, record.get("kl", 0.0), record.get("entropy", 0.0),
             record.get("step_seconds", 0.0), len(self._tasks),
+            100 * record["idle/rollout"], 100 * record["idle/learner"], 100 * record["saturated/judge"],
         )
         self._watch_unscored(record["unscored_ratio"])
         self._flush_rollouts()

@@ -6,10 +6,11 @@ folder (the configured rollout model, i.e. the embedded model by default): :func
 :class:`Endpoint` that owns the server and stops it on `close`. Sections that name a URL are used as they are.
 
 The policy of episodes is :class:`RolloutPolicy`, the `cluster.episodes.Policy` of rollout actors: Ray handles (what
-the training driver holds) or plain in-process `actors.rollout.RolloutActor` objects. One-process commands use the
-latter through :func:`local_policy`: one engine, no Ray to start, and the same generation code as training (chat
-template, sampling, token counts). Its AsyncLLM engine runs its core in a child process, so scripts calling it need
-the `if __name__ == "__main__":` guard (the `ampo` entry point has it).
+the training driver holds) or plain in-process `actors.rollout.RolloutActor` objects. `build-states` and `eval` get
+theirs from :func:`policy_engines`: locally one in-process engine (no Ray to start), on a cluster Ray actors placed
+on GPU nodes; either way the same generation code as training (chat template, sampling, token counts). A local
+AsyncLLM engine runs its core in a child process, so scripts calling it need the `if __name__ == "__main__":` guard
+(the `ampo` entry point has it).
 """
 
 from __future__ import annotations
@@ -87,13 +88,13 @@ def open_endpoint(
     `local` too. The context length is the model's own limit (at most 8192) so long judge prompts fit. Otherwise
     the section's URL and model are returned as they are; `model: local` with a remote URL is a config error.
     """
-    from cluster.models import resolve_model
+    from cluster.sources import resolve_model
 
     if section.base_url != LOCAL:
         if section.model == LOCAL:
             raise ConfigError(f"{what}: model `local` only works with base_url `local`; name the model served at {section.base_url}")
         return Endpoint(section.base_url, section.model)
-    path = Path(model_path) if model_path is not None else resolve_model(rollout.model)
+    path = resolve_model(model_path if model_path is not None else rollout.model)
     name = LOCAL_SERVED_NAME if section.model == LOCAL else section.model
     server = JudgeServer(
         path,
@@ -161,14 +162,34 @@ class RolloutPolicy:
 
 
 @contextlib.asynccontextmanager
-async def local_policy(rollout: RolloutConfig, model_path: str | Path, *, seed: int | None = None) -> AsyncIterator[RolloutPolicy]:
-    """One in-process rollout actor serving `model_path` (seeded with `seed`, default the config's), wrapped as a
-    `RolloutPolicy` with evaluation sampling; the engine is shut down on exit."""
-    from actors.rollout import RolloutActor
+async def policy_engines(config: Config, model_path: str | Path, *, seed: int | None = None) -> AsyncIterator[RolloutPolicy]:
+    """The engines of the policy that `build-states` and `eval` play episodes with (seeded with `seed`, default the
+    config's), as a `RolloutPolicy` with evaluation sampling; stopped on exit.
 
-    config = rollout if seed is None else rollout.model_copy(update={"seed": seed})
-    actor = RolloutActor(config, model_path)
+    Locally (`cluster.address: local`) one in-process rollout actor: no Ray to start. On a cluster the command runs
+    where `ray job submit` put its entrypoint, usually a head node without GPUs, so the engines are the training
+    run's rollout role instead: `rollout.num_actors` Ray actors placed with `cluster.rollout_gpus_per_actor` GPUs
+    and `cluster.rollout_resources` each, and the episodes are spread over them."""
+    from actors.rollout import RolloutActor
+    from cluster.ray_cluster import connect, start_rollout_role
+
+    rollout = config.rollout if seed is None else config.rollout.model_copy(update={"seed": seed})
+    if config.cluster.address == LOCAL:
+        actor = RolloutActor(rollout, model_path)
+        try:
+            yield RolloutPolicy.from_config([actor], rollout)
+        finally:
+            await actor.shutdown()
+        return
+    import ray
+
+    connect(config)
+    actors, placement = start_rollout_role(config, model_path, rollout)
     try:
-        yield RolloutPolicy.from_config([actor], config)
+        log.info("policy engines: %d rollout actor(s) placed by Ray for %s", len(actors), model_path)
+        await asyncio.wait_for(asyncio.gather(*(actor.health.remote() for actor in actors)), timeout=600)
+        yield RolloutPolicy.from_config(actors, rollout)
     finally:
-        await actor.shutdown()
+        for actor in actors:
+            ray.kill(actor)
+        placement.remove()

@@ -17,8 +17,9 @@ from typing import Any
 
 from actors.sotopia import SotopiaDataset
 from actors.states import chat_token_counter, text_token_counter
+from cluster.stages import scenarios_path
 from cluster.config import ChatModelConfig, Config
-from cluster.endpoints import Endpoint, RolloutPolicy, local_policy
+from cluster.endpoints import Endpoint, RolloutPolicy, policy_engines
 from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, OpenAIChatModel, Policy, select_episodes
 from cluster.workfiles import progress_bar
 from reward.evaluator import NO_THINKING, EpisodeEvaluator, ResultsSummary, render_summary, summarise
@@ -146,7 +147,7 @@ async def evaluate_async(
     """`evaluate` with a policy the caller serves (e.g. the training driver's rollout actors). `count_tokens` (chat
     length) enables the prompt-length cut-off, `count_text` (text length) the thinking-token counts."""
     out_path = Path(out_path)
-    dataset = SotopiaDataset.load(config.data.scenarios)
+    dataset = SotopiaDataset.load(scenarios_path(config))
     episode_ids = select_episodes(dataset, episodes=episodes, hard_only=hard_only, max_episodes=max_episodes)
     if not episode_ids:
         raise ValueError("no episode to evaluate (the hard subset of these scenarios is empty?)")
@@ -201,7 +202,7 @@ def evaluate(
     `eval.judge` limits. The policy is `policy`, a model behind an OpenAI-compatible API with the `eval.policy`
     settings, or else the checkpoint at `policy_path` (default: the configured rollout model) on an in-process
     engine. Resumes `out_path`; writes `<out>.summary.md` next to it."""
-    from cluster.models import resolve_model
+    from cluster.sources import resolve_model
 
     if policy is not None:
         section = config.eval.policy or ChatModelConfig.model_validate(config.eval.judge.model_dump())
@@ -218,10 +219,10 @@ def evaluate(
 
         return asyncio.run(api())
 
-    model_path = Path(policy_path) if policy_path is not None else resolve_model(config.rollout.model)
+    model_path = resolve_model(policy_path if policy_path is not None else config.rollout.model)
 
     async def main() -> EvalReport:
-        async with local_policy(config.rollout, model_path) as engine:
+        async with policy_engines(config, model_path) as engine:
             return await evaluate_async(
                 config, policy=engine, judge=judge, out_path=out_path, partner=partner,
                 count_tokens=chat_token_counter(model_path), count_text=text_token_counter(model_path),

@@ -20,7 +20,7 @@ from actors.sotopia import SotopiaDataset
 from actors.states import read_states
 from cluster import stages
 from cluster.config import Config, dump_config
-from cluster.models import resolve_model
+from cluster.sources import resolve_model
 from cluster.bc import run_bc_command
 from cluster.demos import make_demos, opening_states
 from cluster.endpoints import open_endpoint
@@ -38,7 +38,7 @@ def run_local(config: Config) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     base = resolve_model(config.rollout.model)
-    dataset = SotopiaDataset.load(config.data.scenarios)
+    dataset = SotopiaDataset.load(stages.scenarios_path(config))
     prompts = config.prompts.load()
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"run_dir": str(run_dir), "timings_s": timings}

@@ -110,16 +110,3 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer.chat_template = CHATML_TEMPLATE
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-
-
-def resolve_model(name: str) -> Path:
-    """`embedded` → the prepared embedded model; anything else must be an existing HF folder."""
-    if name == "embedded":
-        return prepare_embedded_model()
-    path = Path(name).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model path {str(path)!r} is not a Hugging Face model folder (no config.json); "
-            "give a local folder or `embedded`"
-        )
-    return path

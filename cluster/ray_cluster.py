@@ -18,12 +18,14 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.config import RolloutConfig
 from cluster.config import Config
 
 log = logging.getLogger(__name__)
@@ -151,18 +153,44 @@ def place_role(name: str, bundles: list[dict[str, float]], strategy: str = "PACK
 
 
 def role_bundles(config: Config) -> dict[str, list[dict[str, float]]]:
-    """Resource bundles per role from the config."""
+    """Resource bundles per role from the config. A role's custom resources (`cluster.rollout_resources`,
+    `cluster.learner_resources`) are what the whole role asks for, shared out over its bundles: with
+    `{"learner_node": 1}` four learner ranks ask for 0.25 each, so a node started with `--resources
+    '{"learner_node": 1}'` takes all four."""
 
-    def bundle(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **extra}
+    def bundles(count: int, cpus: float, gpus: float, extra: dict[str, float]) -> list[dict[str, float]]:
+        share = {name: amount / count for name, amount in extra.items()}
+        return [{"CPU": cpus, **({"GPU": gpus} if gpus else {}), **share}] * count
 
     cluster = config.cluster
     return {
-        "rollout": [bundle(1, cluster.rollout_gpus_per_actor, cluster.rollout_resources)] * config.rollout.num_actors,
-        "learner": [bundle(cluster.learner_cpus_per_rank, cluster.learner_gpus_per_rank, cluster.learner_resources)]
-        * config.learner.num_ranks,
-        "reward": [bundle(cluster.reward_cpus_per_actor, 0, {})] * config.reward.num_actors,
+        "rollout": bundles(config.rollout.num_actors, 1, cluster.rollout_gpus_per_actor, cluster.rollout_resources),
+        "learner": bundles(
+            config.learner.num_ranks, cluster.learner_cpus_per_rank, cluster.learner_gpus_per_rank, cluster.learner_resources
+        ),
+        "reward": bundles(config.reward.num_actors, cluster.reward_cpus_per_actor, 0, {}),
     }
+
+
+def start_rollout_role(
+    config: Config, policy_path: str | Path, rollout: RolloutConfig | None = None
+) -> tuple[list[Any], RolePlacement]:
+    """The rollout role: its placement group and one `RolloutActor` per bundle serving `policy_path` (with
+    `rollout`, default the config's). Handles return at once; the engines load in the background (await
+    `health`)."""
+    from actors.rollout import RolloutActor, rollout_actor_options
+
+    rollout = rollout or config.rollout
+    bundles = role_bundles(config)["rollout"]
+    placement = place_role("rollout", bundles)
+    remote = ray.remote(RolloutActor)
+    actors = [
+        remote.options(
+            **rollout_actor_options(rollout, num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), **placement.options(i))
+        ).remote(rollout, str(policy_path), actor_index=i)
+        for i, bundle in enumerate(bundles)
+    ]
+    return actors, placement
 
 
 def bc_rank_options(config: Config) -> dict[str, Any]:

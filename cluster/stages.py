@@ -7,6 +7,9 @@ single-stage commands and the README.
     <run_dir>/final_model/          train        -> eval
     <run_dir>/eval/<policy>-<mode>-<subset>.jsonl   eval -> report  (<policy>-no_thinking-... for eval.thinking=false)
     <run_dir>/report/               report
+
+A data field may name a Hugging Face dataset file (`hf://owner/dataset/path`, see `cluster.sources`): it is read
+from the download, and a stage never writes into it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.config import Config, ConfigError
+from cluster.sources import is_hub_data, resolve_data
 
 DEMOS = "demos.json"
 BC_MODEL = "bc_model"
@@ -27,18 +31,31 @@ def run_dir(config: Config) -> Path:
     return Path(config.cluster.run_dir)
 
 
-def demos_path(config: Config) -> Path:
+def scenarios_path(config: Config) -> Path | None:
+    """The local folder of `data.scenarios` (downloaded when it names a Hub folder); None: the bundled set."""
+    return resolve_data(config.data.scenarios) if config.data.scenarios is not None else None
+
+
+def demos_path(config: Config, *, writing: bool = False) -> Path:
     """Where make-demos writes and bc reads the demonstrations."""
-    return Path(config.data.bc_data or run_dir(config) / DEMOS)
+    return _data_file(config.data.bc_data, "data.bc_data", run_dir(config) / DEMOS, writing)
 
 
 def bc_model_path(config: Config) -> Path:
     return Path(config.bc.output or run_dir(config) / BC_MODEL)
 
 
-def states_path(config: Config) -> Path:
+def states_path(config: Config, *, writing: bool = False) -> Path:
     """Where build-states writes and train reads the RL states."""
-    return Path(config.data.train_states or run_dir(config) / TRAIN_STATES)
+    return _data_file(config.data.train_states, "data.train_states", run_dir(config) / TRAIN_STATES, writing)
+
+
+def _data_file(spec: str | None, field: str, default: Path, writing: bool) -> Path:
+    if spec is None:
+        return default
+    if writing and is_hub_data(spec):
+        raise ConfigError(f"{field} names a Hugging Face dataset file ({spec}), which a stage cannot write; unset it or give --out")
+    return resolve_data(spec)
 
 
 def eval_path(config: Config, policy: str | Path, mode: str, subset: str) -> Path:

@@ -25,8 +25,9 @@ from typing import Any
 
 from actors.sotopia import SotopiaDataset
 from actors.states import RLState, StateScores, chat_token_counter, make_state, write_states
+from cluster.stages import scenarios_path
 from cluster.config import Config
-from cluster.endpoints import Endpoint, local_policy
+from cluster.endpoints import Endpoint, policy_engines
 from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Policy, select_episodes
 from cluster.workfiles import append_json_line, digest, progress_bar, read_json_lines
 from prompts import DEFAULT_PROMPTS, PromptSet
@@ -150,7 +151,7 @@ async def build_states_async(
     out_path = Path(out_path)
     parts = out_path.parent / f"{out_path.name}.parts"
     parts.mkdir(parents=True, exist_ok=True)
-    dataset = SotopiaDataset.load(config.data.scenarios)
+    dataset = SotopiaDataset.load(scenarios_path(config))
     prompts = config.prompts.load()
     episode_ids = select_episodes(dataset, episodes=episodes, max_episodes=max_episodes)
     total = len(episode_ids) * rollouts_per_episode
@@ -227,12 +228,12 @@ def build_states(
     in-process engine seeded with `seed` (default `rollout.seed`), judge every prefix and write the RL states as
     the authors' training Parquet at `out_path` (see the module docstring). Episodes: the given ids, else all
     scenarios' episodes, at most `max_episodes` of them; `eval.max_turns` utterances at most, prompts within `rollout.max_prompt_tokens`."""
-    from cluster.models import resolve_model
+    from cluster.sources import resolve_model
 
-    model_path = Path(policy_path) if policy_path is not None else resolve_model(config.rollout.model)
+    model_path = resolve_model(policy_path if policy_path is not None else config.rollout.model)
 
     async def main() -> StatesReport:
-        async with local_policy(config.rollout, model_path, seed=seed) as policy:
+        async with policy_engines(config, model_path, seed=seed) as policy:
             return await build_states_async(
                 config, judge=judge, out_path=out_path, policy=policy, count_tokens=chat_token_counter(model_path),
                 episodes=episodes, max_episodes=max_episodes, rollouts_per_episode=rollouts_per_episode,

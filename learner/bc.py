@@ -36,7 +36,7 @@ from reward.modes import parse_response
 # learner.worker (torch) is imported where it is used: `ampo data check` and the other CLI commands check records
 # through this module and start without loading torch.
 if TYPE_CHECKING:
-    from learner.worker import BCExample
+    from learner.batches import BCExample
 
 __all__ = [
     "BCDataError",
@@ -141,7 +141,7 @@ def tokenize_record(tokenizer: Any, record: Mapping[str, str], cutoff_len: int, 
 
 def _tokenize(tokenizer: Any, record: Mapping[str, str], cutoff_len: int, index: int) -> tuple[BCExample, bool]:
     """The example and whether it was truncated."""
-    from learner.worker import BCExample
+    from learner.batches import BCExample
 
     messages = build_messages(record)
     prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from actors.config import ConfigSection
 
 
-class LearnerConfig(BaseModel):
+class LearnerConfig(ConfigSection):
     """FSDP2 learner ranks, optimiser and checkpoints."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     num_ranks: int = Field(1, ge=1)
     """Learner processes forming one torch.distributed group (one per GPU on a cluster)."""
@@ -52,10 +52,8 @@ class LearnerConfig(BaseModel):
     are logged)."""
 
 
-class AlgorithmConfig(BaseModel):
+class AlgorithmConfig(ConfigSection):
     """AMPO / GRPO update (docs/protocol.md, AMPO advantage and Policy loss)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     estimator: Literal["ampo", "grpo"] = "ampo"
     """Advantage estimator: AMPO (sample + mode term) or GRPO (sample term only)."""
@@ -90,10 +88,8 @@ class AlgorithmConfig(BaseModel):
     0, an exact test)."""
 
 
-class BCConfig(BaseModel):
+class BCConfig(ConfigSection):
     """Behaviour cloning of the four thinking modes (docs/protocol.md, BC data)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     lr: float = Field(2e-6, gt=0)
     """Peak learning rate (paper: 2e-6, cosine schedule)."""

@@ -41,16 +41,8 @@ from learner.ampo import MODES, ampo_advantages, grpo_advantages, mode_term_grou
 from learner.checkpoint import CheckpointState, begin_checkpoint, finish_checkpoint, read_checkpoint
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.publish import PushReport, WeightPublisher
-from learner.worker import (
-    TOKEN_MEAN_METRICS,
-    BCExample,
-    LearnerWorker,
-    Schedule,
-    TrainSample,
-    WorkerSetup,
-    micro_batch_count,
-    resolve_backend,
-)
+from learner.batches import BCExample, TrainSample, micro_batch_count
+from learner.worker import TOKEN_MEAN_METRICS, LearnerWorker, Schedule, WorkerSetup, resolve_backend
 
 __all__ = ["BatchInfo", "LearnerGroup", "build_train_samples", "split_by_tokens"]
 

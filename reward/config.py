@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from actors.config import ConfigSection
 
 
-class JudgeConfig(BaseModel):
+class JudgeConfig(ConfigSection):
     """An OpenAI-compatible judge endpoint. The API key is read at run time from `api_key_env` or
     `api_key_file`; it never lives in the config, so dumping a config cannot leak it."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     base_url: str = "local"
     """Endpoint base URL (e.g. https://host/v1), or `local` to start vLLM's OpenAI server on 127.0.0.1
@@ -52,10 +52,8 @@ class JudgeConfig(BaseModel):
     `response_format` of type json_schema (accepted by the OpenAI API and by vLLM)."""
 
 
-class RewardConfig(BaseModel):
+class RewardConfig(ConfigSection):
     """The reward service: judge, pool size and the reward formula (docs/protocol.md, Rewards)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     judge: JudgeConfig = JudgeConfig()
     """Goal-progress judge (paper: Qwen2.5-72B-Instruct, temperature 0)."""

@@ -16,7 +16,7 @@ authors' schedule for answers that cannot be parsed. A **logical call** is one o
   up to ``max_retries`` times after ``min(backoff_max_s, max(b, retry_after))`` seconds, where
   ``b = min(backoff_max_s, backoff_base_s * 2**k) * U(0.5, 1)`` for the k-th retry (exponential backoff with
   jitter) and ``retry_after`` is the server's ``retry-after-ms`` / ``Retry-After`` header (seconds or HTTP date);
-  the slot is released while waiting;
+  the slot is released while waiting (the loop is tenacity's `AsyncRetrying` with this wait);
 * any other 4xx fails the call at once (``auth`` for 401/403, else ``bad_request``).
 
 When a logical call still fails, the question fails with that kind; it does not start a new parse round, unlike
@@ -61,6 +61,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import openai
 from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 
 from reward.config import JudgeConfig
 from reward.prompts import AGENTS, GOAL_SCHEMA, GOAL_SCORE_RANGE
@@ -469,19 +470,20 @@ class JudgeClient:
         """One logical call: attempts with backoff until an answer text, a permanent error or no retries left."""
         body = self._request_body(prompt, temperature, schema)
         tokens = math.ceil(len(prompt) / CHARS_PER_TOKEN) + self.config.max_tokens
-        calls = 0
-        for attempt in range(self.config.max_retries + 1):
-            calls += 1
-            text, kind, detail, retry_after = await self._attempt(body, tokens)
-            if kind is None:
-                return ChatResult(text=text, calls=calls)
-            if kind == "truncated":  # an answer arrived, but cut: the caller decides (a new round, or exclusion)
-                return ChatResult(text=text, failure=kind, detail=detail, calls=calls)
-            if kind not in TRANSIENT_KINDS or attempt == self.config.max_retries:
-                return ChatResult(text=None, failure=kind, detail=detail, calls=calls)
-            self._note_retry(kind)
-            await asyncio.sleep(self._backoff(attempt, retry_after))
-        raise AssertionError("unreachable: the last attempt always returns")
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.config.max_retries + 1),
+            retry=retry_if_result(lambda outcome: outcome[1] in TRANSIENT_KINDS),
+            wait=lambda state: self._backoff(state.attempt_number - 1, state.outcome.result()[3]),
+            before_sleep=lambda state: self._note_retry(state.outcome.result()[1]),
+            retry_error_callback=lambda state: state.outcome.result(),  # out of retries: the last failure stands
+        )
+        text, kind, detail, _ = await retrying(self._attempt, body, tokens)
+        calls = retrying.statistics["attempt_number"]
+        if kind is None:
+            return ChatResult(text=text, calls=calls)
+        if kind == "truncated":  # an answer arrived, but cut: the caller decides (a new round, or exclusion)
+            return ChatResult(text=text, failure=kind, detail=detail, calls=calls)
+        return ChatResult(text=None, failure=kind, detail=detail, calls=calls)
 
     def _backoff(self, retry_index: int, retry_after: float | None) -> float:
         """``min(max, max(min(max, base * 2**k) * U(0.5, 1), retry_after))``: exponential backoff with jitter,

@@ -1,8 +1,22 @@
-"""Shared fixtures: a tiny random causal LM (built offline in about a second) and engine-friendly env."""
+"""Shared fixtures (a tiny random causal LM, built offline in about a second; a local Ray) and the test layers.
+
+Three layers, each a marker:
+
+* **unit** (no marker): pure functions and single objects, seconds in all; no Ray, no server, no process group.
+  `make test-unit` runs them. A guard holds the layer to that: a unit test that starts Ray, listens on a socket or
+  opens a process group fails, saying to mark it.
+* **integration**: real components on a small scale (a local Ray, the fault-injecting judge server, gloo process
+  groups, an in-process vLLM engine), a few seconds each. Tests using the fixtures in `INTEGRATION_FIXTURES` get the
+  marker by themselves.
+* **slow**: whole flows (the training driver, clusters, the embedded model), minutes.
+
+`make test` (CI) runs all three.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +27,33 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+INTEGRATION_FIXTURES = {"ray_local", "fault_server", "judge", "actors", "hub"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") is None and INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _unit_layer_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests start no Ray, no server and no process group (see the module docstring)."""
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("integration"):
+        return
+
+    def refuse(what: str):
+        def raise_(*args: object, **kwargs: object) -> None:
+            raise RuntimeError(f"a unit test may not {what}: mark the test `integration` (tests/conftest.py)")
+
+        return raise_
+
+    import ray
+    import torch.distributed
+
+    monkeypatch.setattr(ray, "init", refuse("start Ray"))
+    monkeypatch.setattr(socket.socket, "listen", refuse("listen on a socket (start a server)"))
+    monkeypatch.setattr(torch.distributed, "init_process_group", refuse("open a process group"))
 
 
 @pytest.fixture(scope="session")

@@ -131,6 +131,7 @@ def test_cli_config_show_and_typo(capsys, tiny_config_path):
     assert "did you mean 'learner.lr'" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_taken_metrics_port_is_reported_before_ray_starts():
     import socket
 

@@ -4,6 +4,7 @@ HTTP (the fault-injecting server as a deliberate judge double), the replay queue
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 
@@ -23,6 +24,19 @@ pytestmark = pytest.mark.slow
 def states():
     dataset = SotopiaDataset.load()
     return [make_state(dataset, i, [], (5.0, 5.0)) for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def cloned(ray_local, tiny_model_dir, tmp_path_factory):
+    """The tiny model behaviour-cloned on well-formed demonstrations and the short-prompt states it answers in
+    format: samples reach the judge (the random model writes only format errors, which never do)."""
+    from rule_rewards import bc_policy, short_prompt_states
+
+    return bc_policy(tiny_model_dir, tmp_path_factory.mktemp("bc")), short_prompt_states(12)
+
+
+def judge_requests(judge) -> int:
+    return sum(judge.counts().values())
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +64,12 @@ def assert_accounted(summary):
 
 
 @pytest.mark.parametrize("staleness", [0, 1], ids=["synchronous", "asynchronous"])
-def test_run_finishes_with_every_group_accounted_for(ray_local, tiny_config_path, tiny_model_dir, tmp_path, states, judge, staleness):
+def test_run_finishes_with_every_group_accounted_for(ray_local, tiny_config_path, cloned, tmp_path, judge, staleness):
     versions = []
+    policy, states = cloned
+    asked = judge_requests(judge)
     driver = make_driver(
-        tiny_config_path, tiny_model_dir, tmp_path, states, judge,
+        tiny_config_path, policy, tmp_path, states, judge,
         f"algorithm.max_staleness={staleness}", "algorithm.total_steps=3",
         on_step=lambda record: versions.append(record["version"]),
     )
@@ -68,7 +84,10 @@ def test_run_finishes_with_every_group_accounted_for(ray_local, tiny_config_path
         assert groups["refused"] == groups["dropped"] == 0  # never more than one batch ahead
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3]
-    assert all(0.0 <= l["format_error_ratio"] <= 1.0 for l in lines)
+    # The samples were judged: well-formed ones got the judge's goal reward, not the format error's −2.
+    assert judge_requests(judge) > asked
+    assert min(l["format_error_ratio"] for l in lines) < 1.0 and max(l["reward_mean"] for l in lines) > -2.0
+    assert all(l["unscored_ratio"] == 0.0 for l in lines)  # the test judge answers every call
     assert list((tmp_path / "run" / "rollouts").glob("*.parquet"))
     assert (tmp_path / "run" / "checkpoints" / "step_3").is_dir()
 
@@ -106,24 +125,40 @@ def test_resume_continues_without_skipping_or_repeating(ray_local, tiny_config_p
     assert sorted(group_ids, key=lambda g: int(g[1:])) == [f"g{i}" for i in range(len(group_ids))]
 
 
-def test_metrics_endpoint_serves_the_driver_series(ray_local, tiny_config_path, tiny_model_dir, tmp_path, states, judge):
-    driver = make_driver(tiny_config_path, tiny_model_dir, tmp_path, states, judge, "algorithm.total_steps=2")
-    driver.run()
+def test_every_catalogued_series_carries_values_after_real_steps(ray_local, tiny_config_path, cloned, tmp_path, judge):
+    """Two learner steps and two evaluations of a real run (every role, the judge reached), then Prometheus is
+    scraped: any series of the catalogue that received no sample fails the test, by name."""
+    from cluster.endpoints import Endpoint
+    from cluster.evaluation import driver_evaluation
+    from cluster.metrics import CATALOGUE
+
+    policy, states = cloned
+    config = load_config(tiny_config_path, [
+        f"rollout.model={policy}", f"cluster.run_dir={tmp_path / 'run'}", "algorithm.total_steps=2", "algorithm.max_staleness=1",
+        "eval.max_episodes=1", "eval.max_turns=2", "eval.every_steps=1", "eval.hard_only=true",
+    ])
+    evaluation = driver_evaluation(config, judge=Endpoint(judge.base_url, "judge"), out_dir=tmp_path / "run" / "eval")
+    driver = TrainingDriver(config, states, policy, judge_url=judge.base_url, judge_model="judge", evaluate=evaluation)
+    summary = driver.run()
+    assert summary["steps"] == 2
     port = ray_local._private.worker.global_worker.node.metrics_export_port
-    deadline, text = time.monotonic() + 30, ""
-    while time.monotonic() < deadline:
+    wanted = {spec.exported for spec in CATALOGUE}
+    deadline, seen = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:  # Ray's agent exports what the processes recorded every few seconds
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        if "ray_ampo_policy_version" in text and "ray_ampo_rollout_tokens_generated_total" in text:
+        seen = {}
+        for line in text.splitlines():
+            if line.startswith("ray_ampo_"):
+                name = line.split("{")[0].split(" ")[0].removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+                seen.setdefault(name, float(line.rsplit(" ", 1)[1]))
+        if wanted <= set(seen):
             break
-        time.sleep(2)
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("ray_ampo_") and not line.startswith("#"):
-            name = line.split("{")[0].split(" ")[0]
-            values.setdefault(name, float(line.rsplit(" ", 1)[1]))
-    assert values.get("ray_ampo_policy_version", -1) >= 1
-    assert values.get("ray_ampo_rollout_tokens_generated_total", 0) > 0
-    assert 0.0 <= values.get("ray_ampo_format_error_ratio", -1) <= 1.0
+        time.sleep(3)
+    assert sorted(wanted - set(seen)) == [], "catalogued series without a sample after two steps and evaluations"
+    assert seen["ray_ampo_policy_version"] >= 2 and seen["ray_ampo_rollout_tokens_generated_total"] > 0
+    # The per-mode advantage series are set from the learner's keys (they once never were).
+    modes = {m.group(1) for m in re.finditer(r'ray_ampo_advantage_mean\{[^}]*mode="(\d)"', text)}
+    assert modes == {"1", "2", "3", "4"}
 
 
 def test_groups_without_a_gradient_are_filtered_and_replaced(ray_local, tiny_config_path, tiny_model_dir, tmp_path, judge):

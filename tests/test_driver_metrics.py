@@ -5,9 +5,13 @@ from __future__ import annotations
 import pytest
 from learner_fixtures import make_group
 
-from cluster.driver import DriverMetrics, batch_statistics
+from cluster.accounting import DriverMetrics, batch_statistics
 from learner.config import AlgorithmConfig
 from learner.group import build_train_samples
+
+
+IDLE = {"idle/rollout": 0.25, "idle/learner": 0.5, "saturated/judge": 0.0}
+"""The role shares the driver adds to each step record (from its `Occupancy` clocks)."""
 
 
 class Recorder:
@@ -26,7 +30,7 @@ def test_every_step_gauge_is_set_from_a_real_step_record() -> None:
     groups = [make_group("g0", [0.5, 0.6, 0.7, 0.5, 0.8, 0.6, 0.9, 0.7], modes=every_mode,
                          response_lens=[30, 40, 150, 170, 400, 420, 800, 760])]
     _, info = build_train_samples(groups, 1, AlgorithmConfig())
-    record = {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics(groups, 1), **info.metrics}
+    record = {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics(groups, 1), **info.metrics, **IDLE}
     metrics = DriverMetrics()
     gauges = {name: Recorder() for name, value in vars(metrics).items() if type(value).__name__ == "Gauge"}
     for name, recorder in gauges.items():
@@ -42,7 +46,7 @@ def test_every_step_gauge_is_set_from_a_real_step_record() -> None:
 
 
 def test_evaluation_goal_series_name_their_subset_and_side() -> None:
-    from cluster.driver import eval_goal_series
+    from cluster.accounting import eval_goal_series
 
     # A periodic hard-only evaluation reports eval/hard_* alone; it must reach the gauge too.
     results = {"eval/episodes": 2.0, "eval/goal_actor": 7.0, "eval/goal_avg": 6.5, "eval/hard_goal_opponent": 5.0,
@@ -108,3 +112,48 @@ def test_every_evaluation_figure_reaches_a_gauge(hard_only: bool) -> None:
     assert exported == expected
     if hard_only:  # the periodic hard-only evaluation: hard figures only, none under subset "all"
         assert not any(dict(tags).get("subset") == "all" for _, tags in exported)
+
+
+def test_occupancy_integrates_idle_and_saturated_time_per_window() -> None:
+    from cluster.accounting import Occupancy
+
+    now = [0.0]
+    two = Occupancy(2, clock=lambda: now[0])
+    now[0] = 1.0
+    two.change(+1)  # 0-1 s: both idle
+    now[0] = 3.0
+    two.change(+1)  # 1-3 s: one of two idle
+    now[0] = 4.0
+    two.change(-2)  # 3-4 s: both busy (saturated)
+    now[0] = 5.0  # 4-5 s: both idle
+    idle, saturated = two.window()
+    assert idle == pytest.approx((1 * 1 + 2 * 0.5 + 1 * 0 + 1 * 1) / 5)  # 0.6
+    assert saturated == pytest.approx(1 / 5)
+    now[0] = 7.0  # a new window: 2 s, both idle
+    assert two.window() == (pytest.approx(1.0), pytest.approx(0.0))
+    # More work than units still counts as saturated, and idle never goes below 0.
+    one = Occupancy(1, clock=lambda: now[0])
+    one.change(+3)
+    now[0] = 9.0
+    assert one.window() == (pytest.approx(0.0), pytest.approx(1.0))
+
+
+def test_counts_go_to_the_stage_counter_once() -> None:
+    from cluster.accounting import Counts
+
+    class Series:
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, dict]] = []
+
+        def inc(self, value: int = 1, tags: dict | None = None) -> None:
+            self.calls.append((value, tags))
+
+    series = Series()
+    counts = Counts(series=series)
+    counts.add("issued")
+    counts.add("consumed", 3)
+    counts.add("dropped", 0)  # nothing to count
+    counts.add("resubmitted_rollout")  # a count that is not a pipeline stage
+    assert counts.as_dict()["issued"] == 1 and counts.consumed == 3 and counts.resubmitted_rollout == 1
+    assert series.calls == [(1, {"stage": "issued"}), (3, {"stage": "consumed"})]
+    assert "series" not in counts.as_dict()

@@ -259,6 +259,7 @@ def test_runner_settings_are_validated() -> None:
         EpisodeRunner(ScriptedPolicy(), max_active=0)
 
 
+@pytest.mark.integration
 async def test_openai_partner_talks_to_a_chat_completions_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stand-in OpenAI-compatible server on loopback checks what the partner sends."""
     seen: list[tuple[str, dict]] = []

@@ -3,6 +3,8 @@ thinking-token counts per mode."""
 
 import json
 
+import pytest
+
 from cluster.episodes import Generation, Message
 from cluster.endpoints import Endpoint
 from cluster.evaluation import evaluate, evaluate_async, summary_view
@@ -26,6 +28,7 @@ class PlainPolicy:
         return [Generation('Sure, I would say "Nice to see you." and smile.', 9) for _ in batch]
 
 
+@pytest.mark.integration
 async def test_a_policy_without_thinking_modes_gets_no_system_prompt_and_is_read_like_a_partner(tmp_path):
     with FaultServer(FaultConfig()) as server:
         config = pipeline_config(server.base_url, "eval.max_turns=2", "eval.thinking=false")
@@ -40,6 +43,7 @@ async def test_a_policy_without_thinking_modes_gets_no_system_prompt_and_is_read
     assert "| no thinking | 4 | 100.0% | 9.0 | n/a |" in result.markdown
 
 
+@pytest.mark.integration
 def test_an_api_model_is_the_evaluated_policy(tmp_path):
     """`eval.policy` sends the policy's turns to an OpenAI-compatible endpoint, with its own sampling settings."""
 
@@ -75,6 +79,7 @@ class ModePolicy:
         return out
 
 
+@pytest.mark.integration
 async def test_thinking_tokens_are_counted_per_mode_and_reported(tmp_path):
     counted: list[str] = []
 

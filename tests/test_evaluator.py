@@ -86,6 +86,7 @@ def _evaluate(server: FaultServer, **overrides):
     return asyncio.run(run())
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_evaluation_ok_is_in_range():
     with FaultServer() as server:
@@ -97,6 +98,7 @@ def test_evaluation_ok_is_in_range():
             assert dim.low <= agent[dim.name][1] <= dim.high
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_unreadable_answer_is_reformatted_once():
     # Only the reformat request (it quotes the text between <<<TEXT markers) gets a readable answer.
@@ -109,6 +111,7 @@ def test_unreadable_answer_is_reformatted_once():
     assert not result.excluded and result.reformatted and result.calls == 2 and prompts == 2
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_failed_reformat_excludes_the_episode():
     # The script applies per prompt: the first question and the reformat request both get out-of-range scores.
@@ -117,6 +120,7 @@ def test_failed_reformat_excludes_the_episode():
     assert result.excluded and result.reason == "out_of_range" and result.agent1 is None and result.calls == 2
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_an_evaluation_cut_by_max_tokens_excludes_the_episode():
     # A cut answer is not reformatted (the reformat could only invent the missing scores): excluded and counted.
@@ -125,6 +129,7 @@ def test_an_evaluation_cut_by_max_tokens_excludes_the_episode():
     assert result.excluded and result.reason == "truncated" and result.agent1 is None and result.calls == 1
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_unreachable_judge_excludes_with_the_transport_reason():
     with FaultServer(FaultConfig(script=["server_error"] * 5)) as server:
@@ -132,6 +137,7 @@ def test_unreachable_judge_excludes_with_the_transport_reason():
     assert result.excluded and result.reason == "server_error" and result.calls == 2
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_evaluate_all_annotates_records(tmp_path):
     records = [

@@ -140,6 +140,7 @@ def test_local_endpoint_needs_a_started_server():
 # ---- against the fault server --------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_retry_after_is_honoured():
     retry_after = 0.4
@@ -160,6 +161,7 @@ def test_retry_after_is_honoured():
     assert stats.errors == {"rate_limited": 2} and stats.retries == 2 and stats.calls == 3
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_rate_limit_gives_up_after_max_retries():
     with FaultServer(FaultConfig(script=["rate_limited"] * 10, retry_after_s=0.05)) as server:
@@ -173,6 +175,7 @@ def test_rate_limit_gives_up_after_max_retries():
     assert stats.failures == {"rate_limited": 1} and stats.errors == {"rate_limited": 4}
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_timeouts_end_in_bounded_time():
     with FaultServer(FaultConfig(script=["timeout"] * 10, hang_s=20)) as server:
@@ -190,6 +193,7 @@ def test_timeouts_end_in_bounded_time():
     assert 0.9 <= elapsed < 3.0
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_parse_rounds_switch_to_temperature_one():
     script = ["unparseable", "out_of_range", "unparseable", "ok"]
@@ -207,6 +211,7 @@ def test_parse_rounds_switch_to_temperature_one():
     assert stats.errors == {"unparseable": 2, "out_of_range": 1} and stats.retries == 3
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_unparseable_after_all_rounds_is_a_failure_not_a_score():
     with FaultServer(FaultConfig(script=["unparseable"] * 10)) as server:
@@ -221,6 +226,7 @@ def test_unparseable_after_all_rounds_is_a_failure_not_a_score():
     assert not any(entry.structured for entry in log)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_an_answer_cut_by_max_tokens_is_never_scored_even_when_it_parses():
     # The injected answers are the valid ones, only marked finish_reason "length": the flag alone must count.
@@ -238,6 +244,7 @@ def test_an_answer_cut_by_max_tokens_is_never_scored_even_when_it_parses():
     assert cut_stats.failures == {"truncated": 1} and cut_stats.errors == {"truncated": 2}
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_transport_errors_are_retried_then_reported():
     script = ["server_error", "connection", "bad_response", "ok"]
@@ -252,6 +259,7 @@ def test_transport_errors_are_retried_then_reported():
     assert stats.errors == {"server_error": 1, "connection": 1, "bad_response": 1}
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_bad_request_is_not_retried():
     with FaultServer(FaultConfig(script=["bad_request", "ok"])) as server:
@@ -264,6 +272,7 @@ def test_bad_request_is_not_retried():
     assert result.failure == "bad_request" and result.calls == 1 and "400" in result.detail
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_tokens_per_minute_budget_delays_requests():
     # Budget 6000 tokens/min (100/s). Each request is estimated at ceil(12136 / 4) + 16 = 3050 tokens: the first
@@ -293,6 +302,7 @@ def test_connection_refused_fails_fast():
     assert result.failure == "connection" and result.calls == 3 and elapsed < 3
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_concurrency_limit_holds():
     with FaultServer(FaultConfig(latency_s=0.2)) as server:
@@ -309,6 +319,7 @@ def test_concurrency_limit_holds():
     assert elapsed >= 3 * 0.2
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_response_format_field_and_hashed_scores_are_deterministic():
     with FaultServer(FaultConfig()) as server:

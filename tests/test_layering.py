@@ -49,3 +49,45 @@ def test_the_repository_stands_alone():
         if marker in (ROOT / name).read_text(errors="ignore") and name != "tests/test_layering.py"
     ]
     assert offenders == []
+
+
+LOCAL_MODULES = {"actors", "learner", "reward", "cluster", "prompts", "testing", "bench", "experiments", "scripts", "tests",
+                 "conftest", "judge_fixtures", "learner_fixtures", "rule_rewards"}
+USED_WITHOUT_IMPORT = {
+    "gguf": "transformers reads the embedded model's GGUF file through it (cluster/models.py)",
+    "accelerate": "transformers loads every model through it",
+}
+
+
+def _requirement_name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_imported_package_is_declared_and_every_declared_one_is_used():
+    """Third-party imports anywhere in the repository come from a declared distribution (a dependency or an
+    extra), and each dependency is imported somewhere or named in USED_WITHOUT_IMPORT with the reason."""
+    import importlib.metadata
+    import sys
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_requirement_name(r) for r in project["dependencies"]}
+    extras = {_requirement_name(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    distributions = importlib.metadata.packages_distributions()
+    imported: dict[str, set[str]] = {}
+    for folder in sorted(LOCAL_MODULES):
+        for path in (ROOT / folder).rglob("*.py") if (ROOT / folder).is_dir() else ():
+            for module in imported_modules(path):
+                top = module.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in LOCAL_MODULES:
+                    imported.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    undeclared = {
+        module: sorted(files)[0] for module, files in imported.items()
+        if not {d.lower().replace("_", "-") for d in distributions.get(module, [module])} & (core | extras)
+    }
+    assert undeclared == {}, f"imported but not declared in pyproject.toml (module: first file): {undeclared}"
+    used = {d.lower().replace("_", "-") for module in imported for d in distributions.get(module, [module])}
+    unused = sorted(core - used - set(USED_WITHOUT_IMPORT))
+    assert unused == [], f"declared in pyproject.toml but imported nowhere: {unused}"

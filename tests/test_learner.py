@@ -10,7 +10,8 @@ from learner_fixtures import make_group, make_groups
 from learner.ampo import ampo_advantages
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.group import LearnerGroup, build_train_samples, split_by_tokens
-from learner.worker import LearnerWorker, Schedule, TrainSample, WorkerSetup, free_port, hf_name
+from learner.batches import TrainSample
+from learner.worker import LearnerWorker, Schedule, WorkerSetup, free_port, hf_name
 
 TINY_LEARNER = dict(mixed_precision="fp32", gradient_checkpointing=False, dist_timeout_s=60.0)
 # Spec §3.5 worked example: one group of 8, two samples per mode, and its AMPO advantages.
@@ -83,6 +84,7 @@ def test_collate_aligns_response_tokens_and_pads_dummy_rows() -> None:
     assert dummy["input_ids"].shape == (1, 1) and not dummy["mask"].any()
 
 
+@pytest.mark.integration
 def test_only_the_response_span_goes_through_the_lm_head_with_the_same_numbers(tiny_model_dir) -> None:
     """The learner's log-probs (logits kept only where a response token is scored) equal those of the full logits,
     for a trainable and an unscored sample of different prompt lengths alike; outside the span they are 0."""
@@ -119,6 +121,7 @@ def test_hf_names_strip_wrapper_prefixes() -> None:
 # --------------------------------------------------------------------------------------------------- the update
 
 
+@pytest.mark.integration
 def test_ampo_step_moves_logprobs_with_the_advantage_sign(tiny_model_dir) -> None:
     """One in-process rank: after one AMPO step every positive-advantage response is more likely and every
     negative one less likely (KL and entropy terms off, so only the policy gradient acts)."""
@@ -140,6 +143,7 @@ def test_ampo_step_moves_logprobs_with_the_advantage_sign(tiny_model_dir) -> Non
         assert (a - b) * s.advantage > 0, f"advantage {s.advantage:+.3f} but mean log-prob moved by {a - b:+.5f}"
 
 
+@pytest.mark.integration
 def test_bf16_and_gradient_checkpointing_step_and_stream_fp32_weights(tiny_model_dir) -> None:
     """The memory settings of real runs: bf16 compute (fp32 master weights) with activation checkpointing."""
     learner = LearnerConfig(mixed_precision="bf16", gradient_checkpointing=True, dist_timeout_s=60.0, micro_batch_size=2)

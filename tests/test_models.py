@@ -33,8 +33,10 @@ def test_missing_embedded_package_is_a_clear_error(monkeypatch):
 
 
 def test_resolve_model_rejects_a_folder_without_config(tmp_path):
+    from cluster.sources import resolve_model
+
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        models.resolve_model(str(tmp_path))
+        resolve_model(str(tmp_path))
 
 
 def test_half_written_cache_is_not_used(tmp_path, monkeypatch):

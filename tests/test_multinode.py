@@ -175,3 +175,76 @@ def test_two_node_cluster_places_roles_on_different_nodes(tiny_model_dir, states
     assert data["summary"]["steps"] == 2
     rollout_nodes, learner_nodes = set(data["nodes"]["RolloutActor"]), set(data["nodes"]["LearnerWorker"])
     assert rollout_nodes and learner_nodes and not rollout_nodes & learner_nodes
+
+
+PLACEMENT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.placement_group import placement_group_table
+    from ray.util.state import list_actors
+    from cluster.cli import main
+    from cluster.config import load_config
+    from cluster.ray_cluster import place_role, role_bundles
+
+    nodes, paper_overrides, engine_overrides = (json.loads(arg) for arg in sys.argv[1:4])
+    # The head runs the entrypoint, as under `ray job submit`: no GPUs. Then one node per `ray start` line.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    node_of = {}
+    for node in nodes:
+        handle = cluster.add_node(num_cpus=4, num_gpus=node["num_gpus"], resources=node["resources"])
+        node_of[next(iter(node["resources"]))] = handle.node_id
+    ray.init(address=cluster.address)
+    config = load_config("configs/llama3.1-8b.yaml", paper_overrides)
+    placed = {}
+    for role in ("rollout", "learner"):
+        placement = place_role(role, role_bundles(config)[role], timeout_s=60)
+        placed[role] = sorted(set(placement_group_table(placement.group)["bundles_to_node_id"].values()))
+        placement.remove()
+    codes = {command: main([command, "--config", "configs/tiny.yaml", *engine_overrides, *extra])
+             for command, extra in (("build-states", ["--max-episodes", "1"]), ("eval", ["--max-episodes", "1"]))}
+    engines = [actor.node_id for actor in list_actors(filters=[("class_name", "=", "RolloutActor")], limit=100)]
+    print("RESULT" + json.dumps({"nodes": node_of, "placed": placed, "codes": codes, "engines": engines}))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+def docs_node_pinning_example() -> tuple[list[dict], list[str]]:
+    """The `ray start` lines and the overrides of the node-pinning example in docs/gpu.md, as a user copies them."""
+    import re
+
+    text = (ROOT / "docs" / "gpu.md").read_text()
+    nodes = [
+        {"num_gpus": int(gpus), "resources": json.loads(resources)}
+        for gpus, resources in re.findall(r"ray start --address \S+ --num-gpus (\d+) --resources '(\{[^']*\})'", text)
+    ]
+    overrides = re.findall(r"'(cluster\.(?:rollout|learner)_resources=\{[^']*\})'", text)
+    return nodes, overrides
+
+
+def test_node_pinning_example_places_and_commands_put_engines_on_gpu_nodes(tiny_model_dir, judge, tmp_path):
+    """The docs' two-node example reserves both roles of the paper config on the intended nodes; `build-states`
+    and `eval` on a cluster run their engines as Ray actors on the rollout node, not in the entrypoint's process."""
+    nodes, pins = docs_node_pinning_example()
+    assert len(nodes) == 2 and len(pins) == 2, (nodes, pins)
+    paper = [*pins, f"data.scenarios={ROOT / 'actors' / 'scenarios'}"]
+    engine = [
+        "cluster.address=auto", 'cluster.rollout_resources={"rollout_node": 1}', f"rollout.model={tiny_model_dir}",
+        f"reward.judge.base_url={judge.base_url}", "reward.judge.model=fault-judge",
+        f"eval.judge.base_url={judge.base_url}", "eval.judge.model=fault-judge", f"cluster.run_dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", PLACEMENT_SCRIPT, json.dumps(nodes), json.dumps(paper), json.dumps(engine)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+    )
+    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT")]
+    assert lines, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(lines[-1][len("RESULT"):])
+    assert data["placed"] == {"rollout": [data["nodes"]["rollout_node"]], "learner": [data["nodes"]["learner_node"]]}
+    assert data["codes"] == {"build-states": 0, "eval": 0}
+    assert data["engines"] == [data["nodes"]["rollout_node"]] * 2  # one engine per command, on the rollout node
+    assert (tmp_path / "run" / "train_rl.parquet").is_file()

@@ -118,6 +118,7 @@ async def test_build_states_round_trip_resume_and_judge_prompt(fault_server, tmp
     assert read_states(out) == states and policy.calls == 3
 
 
+@pytest.mark.integration
 async def test_build_states_skips_failed_prefixes_and_retries_them_next_run(tmp_path):
     """The judge answers prose for every prefix that already holds turn 1: those states are skipped and counted,
     never scored; a later run against a working judge fills them in."""
@@ -164,6 +165,7 @@ def demo_states() -> list[RLState]:
     ]
 
 
+@pytest.mark.integration
 async def test_make_demos_all_pass_the_format_checker(tmp_path):
     states = demo_states()
     out = tmp_path / "demos.json"
@@ -309,6 +311,7 @@ def fault_server_prompt(record: dict) -> str:
     return evaluation_prompt(record["complete_intro"], record["dialog"])
 
 
+@pytest.mark.integration
 async def test_eval_excludes_episodes_the_judge_cannot_score(tmp_path):
     def broken(prompt: str) -> str:
         return "no idea" if "agent_1_evaluation" in prompt else hashed_answer(prompt)

@@ -58,6 +58,7 @@ def test_train_stops_before_any_engine_on_an_unreachable_judge(tmp_path, capsys,
     assert err.count("\n") == 1 and "reward.judge: FAILED" in err and "not reachable" in err
 
 
+@pytest.mark.integration
 def test_train_stops_on_a_missing_key_and_doctor_says_the_same(tmp_path, capsys, no_engines, keyed_server, monkeypatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     assert cli.main(train(tmp_path, *judge_args(keyed_server.base_url))) == 2
@@ -69,6 +70,7 @@ def test_train_stops_on_a_missing_key_and_doctor_says_the_same(tmp_path, capsys,
     assert out[1] == "eval.judge: ok: a local server started by this run"
 
 
+@pytest.mark.integration
 def test_a_refused_key_an_unserved_model_and_a_good_endpoint(keyed_server, monkeypatch) -> None:
     section = load_config(TINY, judge_args(keyed_server.base_url)).reward.judge
     monkeypatch.setenv(KEY_ENV, "wrong")
@@ -86,6 +88,7 @@ def test_every_endpoint_a_command_calls_is_checked() -> None:
     assert [f for f, _ in endpoint_sections(config, training=False)] == ["eval.judge", "eval.partner"]
 
 
+@pytest.mark.integration
 def test_a_key_file_on_shared_storage_reaches_every_caller(keyed_server, tmp_path, monkeypatch) -> None:
     # The documented route for a cluster job: the key in a file every node reads, named by api_key_file; the
     # variable is not set in the job (the shell that ran `ray job submit` does not pass its environment on).

@@ -88,7 +88,7 @@ def engine_logprobs(ray, actor) -> tuple[list[int], list[float]]:
 
 def learner_gap(ray, group, actor) -> float:
     """Max |vLLM − learner| log-prob over a greedy continuation the engine samples with the pushed weights."""
-    from learner.worker import TrainSample
+    from learner.batches import TrainSample
 
     tokens, engine = engine_logprobs(ray, actor)
     (learner,) = group.logprobs([TrainSample(PROMPT, tuple(tokens), tuple(engine), 0.0)])
@@ -134,7 +134,7 @@ def test_pushes_reach_a_live_rollout_actor_by_both_transports(ray_local, tiny_mo
         assert report.ok and report.transport == "broadcast", report.describe()
         assert ray.get(actor.version.remote()) == 3
         broadcast_gap = learner_gap(ray, group, actor)
-        from learner.worker import TrainSample
+        from learner.batches import TrainSample
 
         (now,) = group.logprobs([TrainSample(PROMPT, tuple(initial_tokens), tuple(initial_engine), 0.0)])
         moved = max(abs(a - b) for a, b in zip(now, initial_engine))

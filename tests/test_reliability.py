@@ -35,8 +35,9 @@ from rule_rewards import SYSTEM, bc_policy, short_prompt_states
 from actors.sotopia import SotopiaDataset
 from actors.states import RLState, StateDataError, make_state, read_states, training_rows
 from cluster.config import Config, ConfigError, load_config
-from cluster.driver import DataCursor, StateStream, TrainingDriver
-from cluster.models import resolve_model
+from cluster.data_order import DataCursor, StateStream
+from cluster.driver import TrainingDriver
+from cluster.sources import resolve_model
 from learner.bc import BCDataError, load_bc_records
 from learner.checkpoint import begin_checkpoint, finish_checkpoint, latest_checkpoint, read_checkpoint
 from testing.fault_server import OUTCOMES, FaultConfig, FaultServer
@@ -385,6 +386,7 @@ def test_bad_data_rows_name_file_row_and_field(tmp_path: Path) -> None:
     print(f"BC records: {error.value}")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("garbage", ["unparseable", "out_of_range"])
 def test_judge_returning_garbage_marks_samples_invalid(tiny_model_dir: Path, garbage: str) -> None:
     texts = [response('"Fine, let us go."'), response('"No."', mode=2), BROKEN_RESPONSE]

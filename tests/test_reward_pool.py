@@ -43,6 +43,7 @@ def score(config, tokenizer, group):
 # ---- the scorer, without Ray -----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_rewards_hand_computed(tokenizer):
     answer = '"To visit my aunt, I will bring it back on Sunday."'
@@ -67,6 +68,7 @@ def test_rewards_hand_computed(tokenizer):
     assert stats.by_mode == {"1": 1, "3": 1, FORMAT_ERROR_MODE: 1} and stats.invalid == {} and stats.groups == 1
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_judge_failure_is_never_a_score(tokenizer):
     texts = [response('"Fine."')]
@@ -81,6 +83,7 @@ def test_judge_failure_is_never_a_score(tokenizer):
     assert as_zero.samples[0].reward == 0.0 and as_zero.samples[0].failure == "server_error"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_identical_answers_share_one_question_and_bad_state_is_explicit(tokenizer):
     texts = [response('"Same."'), response('"Same."', mode=2), response('"Other."')]

@@ -134,6 +134,7 @@ class RecordingPolicy:
         return [Generation(format_response(2, {"Intent": "i", "Style": "s", "Response": "ok"}, "Fine."), 5) for _ in batch]
 
 
+@pytest.mark.integration
 async def test_user_templates_reach_the_policy_the_judges_the_expert_and_the_data_files(tmp_path):
     prompts_seen: list[str] = []
 
@@ -188,6 +189,7 @@ def test_the_functions_take_the_templates_they_are_given(tmp_path):
     assert demo_prompt(state, 1, prompts).startswith("[[demo]]")
 
 
+@pytest.mark.integration
 async def test_the_reward_scorer_asks_the_judge_with_the_runs_template(tmp_path, tiny_model_dir):
     from judge_fixtures import make_group, reward_config, response
 
