@@ -61,6 +61,12 @@ class RolloutConfig(ConfigSection):
     weight_transport: Literal["object_store", "broadcast"] = "object_store"
     """How new policy weights reach the engines: safetensors bytes through the Ray object store (works
     everywhere), or a torch.distributed broadcast group (gloo on CPU, NCCL on GPU)."""
+    weight_update: Literal["in_flight", "drain"] = "in_flight"
+    """When a new policy version lands on an engine. `in_flight`: at once; requests being generated keep their place,
+    pause for the load and go on with the new weights (the cache is cleared, so every later token comes from the new
+    policy; a sample is tagged with the version it started under). `drain`: the engine first stops admitting
+    requests and lets those in flight finish, so every response comes from one version, and idles meanwhile.
+    `bench/inflight_update.py` measures what the first buys."""
     weight_bucket_bytes: int = Field(256 << 20, ge=1 << 20)
     """Bucket size for broadcast weight pushes."""
     weight_update_timeout_s: float = Field(300.0, gt=0.0)

@@ -59,8 +59,12 @@ class Sample:
     behaviour_logprobs: tuple[float, ...]
     """Log-probability under the generating policy of each response token (same length as the response)."""
     policy_version: int
+    """The version that served the request when it started: the oldest that produced any of its tokens."""
     text: str
     finish_reason: str
+    token_versions: tuple[int, ...] = ()
+    """The version that produced each response token, where known (a weight update can land mid-response); empty:
+    every token from `policy_version`."""
 
     def __post_init__(self) -> None:
         if len(self.response_token_ids) != len(self.behaviour_logprobs):
@@ -68,6 +72,18 @@ class Sample:
                 f"sample {self.group_id}/{self.index}: {len(self.response_token_ids)} response tokens but "
                 f"{len(self.behaviour_logprobs)} log-probs"
             )
+        if self.token_versions and (
+            len(self.token_versions) != len(self.response_token_ids) or min(self.token_versions) < self.policy_version
+        ):
+            raise ValueError(
+                f"sample {self.group_id}/{self.index}: token versions must tag each of the {len(self.response_token_ids)} "
+                f"response tokens with a version of at least {self.policy_version}"
+            )
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The policy version of every response token."""
+        return self.token_versions or (self.policy_version,) * len(self.response_token_ids)
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,7 @@ SCORED_SAMPLE_SCHEMA = pa.schema(
         ("policy_version", pa.int64()),
         ("text", pa.string()),
         ("finish_reason", pa.string()),
+        ("token_versions", pa.list_(pa.int64())),
         ("mode", pa.int8()),
         ("answer", pa.string()),
         ("format_valid", pa.bool_()),
@@ -211,12 +228,15 @@ def scored_groups_from_table(table: pa.Table, requests: dict[str, GroupRequest])
     ``requests`` maps each group id to its request. Raises ValueError when a group id has no request or the
     table does not have the scored-sample schema.
     """
+    if "token_versions" not in table.schema.names:  # written before samples carried per-token versions
+        empty = pa.array([[] for _ in range(table.num_rows)], type=pa.list_(pa.int64()))
+        table = table.add_column(SCORED_SAMPLE_SCHEMA.get_field_index("token_versions"), "token_versions", empty)
     if not table.schema.equals(SCORED_SAMPLE_SCHEMA):
         raise ValueError(f"table schema does not match SCORED_SAMPLE_SCHEMA: {table.schema}")
     by_group: dict[str, list[ScoredSample]] = {}
     for row in table.to_pylist():
         sample_fields = {name: row[name] for name in _SAMPLE_FIELDS}
-        for name in ("prompt_token_ids", "response_token_ids", "behaviour_logprobs"):
+        for name in ("prompt_token_ids", "response_token_ids", "behaviour_logprobs", "token_versions"):
             sample_fields[name] = tuple(sample_fields[name])
         scored = ScoredSample(sample=Sample(**sample_fields), **{name: row[name] for name in _SCORED_FIELDS})
         by_group.setdefault(scored.sample.group_id, []).append(scored)

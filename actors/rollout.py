@@ -12,11 +12,13 @@ Generation
     detokenisation competes with the engine for cores). There are no per-request seeds (they crash the
     CPU engine with chunked prefill); the engine is seeded from the config.
 
-Policy version of a sample
-    Each sample carries the version that was current when its request *started*. An update may land
-    while a request runs; the tokens sampled after it come from the newer policy. Tagging the start
-    version errs on the safe side: staleness is over-estimated, never under-estimated, and the behaviour
-    log-probs stay exact either way because vLLM reports the distribution each token was drawn from.
+Policy versions of a sample
+    Each sample carries the version that was current when its request *started* (`policy_version`, the
+    oldest of its tokens: staleness is measured from it) and the version of every response token
+    (`token_versions`): an update may land while a request runs, and the tokens sampled after it come from
+    the newer policy. Tokens are tagged as their deltas stream in (`VersionedOutput`), never with a version
+    newer than the one that produced them. The behaviour log-probs are exact either way, because vLLM
+    reports the distribution each token was drawn from.
 
 Weight updates (see `actors/weights.py` for the transports)
     An update pauses the scheduler in "keep" mode (in-flight requests stay queued, none is dropped) and
@@ -24,7 +26,10 @@ Weight updates (see `actors/weights.py` for the transports)
     the cache makes every token computed after the update — including the recomputed prefixes of
     requests that were in flight — use the new weights, and keeps a request tagged with the new version
     from reusing KV entries computed by the old one. Generation calls keep being accepted during an
-    update; they wait for it to finish (on CPU a push of the tiny test model takes ~0.1 s).
+    update; they wait for it to finish (on CPU a push of the tiny test model takes ~0.1 s). With
+    `rollout.weight_update: drain` an update first stops admitting requests and waits until none is in
+    flight, so no response spans two versions (the engine idles meanwhile: the cost `bench/inflight_update.py`
+    measures).
     Versions are monotone: an update whose version is not above the current one is ignored (returns
     False), so re-sending a push after a timeout or to a restarted peer is harmless. Every update has a
     deadline (`weight_update_timeout_s`); on expiry the caller gets `WeightUpdateTimeout` while the load
@@ -56,6 +61,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,8 +127,9 @@ def engine_kwargs(config: RolloutConfig, model_path: str | Path) -> dict[str, An
 
 
 def sampling_params(spec: SamplingSpec) -> SamplingParams:
-    """Engine sampling parameters of a group: FINAL_ONLY so that all n completions come back, the
-    sampled token's log-prob at every position, no incremental detokenisation (see the module doc)."""
+    """Engine sampling parameters of a group: DELTA outputs (the new tokens of each completion as they come, so
+    that each can be tagged with the policy version serving then: `VersionedOutput`), the sampled token's log-prob
+    at every position, no incremental detokenisation (see the module doc)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -133,20 +140,69 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
         top_k=spec.top_k,
         max_tokens=spec.max_tokens,
         logprobs=0,
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        output_kind=RequestOutputKind.DELTA,
         detokenize=False,
     )
+
+
+@dataclass
+class VersionedCompletion:
+    """One completion of a request, merged from its deltas: tokens, log-prob positions (None once a delta came
+    without them), the policy version of each token, and the finish reason."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] | None = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class VersionedOutput:
+    """The engine's delta outputs of one request merged into its final output, each token tagged with the policy
+    version that produced it.
+
+    Rule: the tokens of a delta get the version that was served when the previous delta was taken (the request's
+    start version for the first). vLLM merges every token put for a request since the last take into the next
+    delta, so they were produced under that version or a newer one, provided the tokens produced before an update's
+    pause were put before the version changed: the actor switches its version only after the engine has paused and
+    the weights have loaded, by when vLLM's output handler has delivered them. A tag is thus never newer than the
+    truth (staleness is never under-estimated), and at most one delta older after an update."""
+
+    def __init__(self, start_version: int) -> None:
+        self.finished = False
+        self._completions: dict[int, VersionedCompletion] = {}
+        self._tag = start_version
+
+    def add(self, output: RequestOutput, serving_version: int) -> None:
+        for delta in output.outputs:
+            merged = self._completions.setdefault(delta.index, VersionedCompletion(delta.index))
+            new = list(delta.token_ids)
+            merged.token_ids.extend(new)
+            merged.versions.extend([self._tag] * len(new))
+            if delta.logprobs is None or len(delta.logprobs) != len(new):
+                merged.logprobs = None
+            elif merged.logprobs is not None:
+                merged.logprobs.extend(delta.logprobs[i] for i in range(len(new)))
+            if delta.finish_reason is not None:
+                merged.finish_reason = delta.finish_reason
+        self.finished = output.finished
+        self._tag = serving_version
+
+    @property
+    def outputs(self) -> list[VersionedCompletion]:
+        return list(self._completions.values())
 
 
 def group_from_output(
     request: GroupRequest,
     prompt_token_ids: list[int],
-    output: RequestOutput | None,
+    output: VersionedOutput | RequestOutput | None,
     version: int,
     decode: Callable[[list[int]], str],
 ) -> Group:
     """Turn the engine's final output into a Group, or raise `IncompleteGroupError` if any of the n
-    samples is missing, unfinished, aborted or lacks a log-prob. `decode` turns response ids into text."""
+    samples is missing, unfinished, aborted or lacks a log-prob. `decode` turns response ids into text;
+    completions that carry `versions` give each sample its token versions."""
     n = request.sampling.n
     completions = list(output.outputs) if output is not None else []
     if output is None or not output.finished or len(completions) != n:
@@ -180,6 +236,7 @@ def group_from_output(
                 policy_version=version,
                 text=decode(list(tokens)),
                 finish_reason=reason,
+                token_versions=tuple(getattr(completion, "versions", ())),
             )
         )
     return Group(request=request, samples=tuple(samples))
@@ -208,6 +265,12 @@ class RolloutActor:
         self._tokens_generated = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._update_lock = asyncio.Lock()
+        self._admitting = asyncio.Event()
+        """Cleared while a `drain` update waits for the requests in flight: new ones wait for it."""
+        self._admitting.set()
+        self._drained = asyncio.Event()
+        """Set while no request is in flight."""
+        self._drained.set()
         self._in_weight_group = False
         self._closed = False
 
@@ -247,19 +310,20 @@ class RolloutActor:
         """Sample `request.sampling.n` responses to one prompt. Raises `IncompleteGroupError` rather than
         return fewer than n samples."""
         self._check_open()
-        version = self._version
         prompt_ids = self._prompt_token_ids(request)
+        await self._admitting.wait()
+        version = self._version
         request_id = f"{request.group_id}:{uuid.uuid4().hex[:12]}"  # unique even when a group is re-sent
         self._set_in_flight(+1)
         try:
-            final = None
+            merged = VersionedOutput(version)
             async for output in self._engine.generate(
                 {"prompt_token_ids": prompt_ids}, sampling_params(request.sampling), request_id
             ):
-                final = output
+                merged.add(output, self._version)
         finally:
             self._set_in_flight(-1)
-        group = group_from_output(request, prompt_ids, final, version, self._decode)
+        group = group_from_output(request, prompt_ids, merged, version, self._decode)
         self._count_tokens(sum(len(s.response_token_ids) for s in group.samples))
         return group
 
@@ -385,27 +449,17 @@ class RolloutActor:
         async with self._update_lock:
             if load and version <= self._version:
                 return False
-            start = time.monotonic()
-            if load:
-                # "keep" freezes in-flight requests; clear_cache drops every KV block computed by the old
-                # weights (in-flight requests are preempted and recomputed after the resume).
-                await self._engine.pause_generation(mode="keep", clear_cache=True)
+            start, previous = time.monotonic(), self._version
             try:
-                await rpc()
-            except Exception as exc:
-                if transport == "broadcast":
-                    self._in_weight_group = False  # the worker left the group: its collectives are out of step
-                raise WeightUpdateError(
-                    f"rollout actor {self._index}: weight update to version {version} via {transport} failed "
-                    f"(still serving {self._version}): {exc}"
-                ) from exc
+                if load and self._config.weight_update == "drain":
+                    self._admitting.clear()  # new requests wait; those in flight finish under the old weights
+                    await self._drained.wait()
+                await self._apply_update(version, transport, rpc, load)
             finally:
-                if load:
-                    await self._engine.resume_generation()
+                self._admitting.set()
             if not load:
                 return False
             seconds = time.monotonic() - start
-            previous, self._version = self._version, version
             self._m_version.set(version, tags=self._tags)
             self._m_update.observe(seconds, tags=self._tags)
             log.info(
@@ -417,6 +471,27 @@ class RolloutActor:
                 seconds,
             )
             return True
+
+    async def _apply_update(self, version: int, transport: str, rpc: Callable[[], Awaitable[Any]], load: bool) -> None:
+        if load:
+            # "keep" freezes in-flight requests; clear_cache drops every KV block computed by the old
+            # weights (in-flight requests are preempted and recomputed after the resume).
+            await self._engine.pause_generation(mode="keep", clear_cache=True)
+        try:
+            await rpc()
+            if load:
+                # Before the resume: every token from now on is the new version's (see VersionedOutput).
+                self._version = version
+        except Exception as exc:
+            if transport == "broadcast":
+                self._in_weight_group = False  # the worker left the group: its collectives are out of step
+            raise WeightUpdateError(
+                f"rollout actor {self._index}: weight update to version {version} via {transport} failed "
+                f"(still serving {self._version}): {exc}"
+            ) from exc
+        finally:
+            if load:
+                await self._engine.resume_generation()
 
     def _report_late_update(self, task: asyncio.Future[bool]) -> None:
         if task.cancelled():
@@ -475,6 +550,10 @@ class RolloutActor:
     def _set_in_flight(self, delta: int) -> None:
         self._in_flight += delta
         self._m_in_flight.set(self._in_flight, tags=self._tags)
+        if self._in_flight == 0:
+            self._drained.set()
+        else:
+            self._drained.clear()
 
     def _count_tokens(self, tokens: int) -> None:
         now = time.monotonic()

@@ -78,6 +78,9 @@ BENCHES: dict[str, Bench] = {
         timeout_s=1200,
         quick_args=("--quick",),
     ),
+    "inflight_update": Bench(
+        {"inflight_update_speedup": Goal(1.0, at_least=True)}, timeout_s=1200, quick_args=("--quick",)
+    ),
 }
 
 

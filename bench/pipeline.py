@@ -149,8 +149,9 @@ def build_policy(out: Path, prompts: Sequence[list[int]], response: list[int]) -
     return {"bc_steps": step, "bc_loss": loss_value, "bc_seconds": time.perf_counter() - started}
 
 
-def driver_config(model_dir: Path, run_dir: Path, staleness: int, sizes: Sizes) -> Any:
-    """The tiny test config with this bench's sizes; only ``max_staleness`` differs between the two driver runs."""
+def driver_config(model_dir: Path, run_dir: Path, staleness: int, sizes: Sizes, extra: Sequence[str] = ()) -> Any:
+    """The tiny test config with this bench's sizes; only ``max_staleness`` differs between the two driver runs
+    (``extra`` overrides are for the benches that reuse this one's setup)."""
     from cluster.config import load_config
 
     return load_config(
@@ -171,6 +172,7 @@ def driver_config(model_dir: Path, run_dir: Path, staleness: int, sizes: Sizes) 
             f"algorithm.groups_per_step={sizes.groups_per_step}",
             f"algorithm.total_steps={sizes.steps}",
             f"algorithm.max_staleness={staleness}",
+            *extra,
         ],
     )
 
@@ -219,7 +221,7 @@ def measure_stages(
     import ray
 
     from actors.rollout import create_rollout_actors
-    from reward.fault_server import FaultConfig, FaultServer
+    from testing.fault_server import FaultConfig, FaultServer
     from reward.pool import RewardPool
 
     config = driver_config(model_dir, run_dir, sizes.staleness, sizes)
@@ -297,8 +299,12 @@ def time_learner(model_dir: Path, config: Any, batches: Sequence[Sequence[Any]],
     return seconds, pushes
 
 
-def run_driver(model_dir: Path, states: Sequence[Any], sizes: Sizes, staleness: int, judge_url: str, run_dir: Path) -> dict[str, Any]:
-    """One driver run; returns its wall time (first to last evaluation hook), step end times and valid fraction."""
+def run_driver(
+    model_dir: Path, states: Sequence[Any], sizes: Sizes, staleness: int, judge_url: str, run_dir: Path,
+    extra: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One driver run; returns its wall time (first to last evaluation hook), step end times, valid fraction, and the
+    steady steps' mean learner idle share and staleness."""
     from cluster.driver import TrainingDriver
 
     marks: list[float] = []
@@ -310,9 +316,10 @@ def run_driver(model_dir: Path, states: Sequence[Any], sizes: Sizes, staleness: 
 
     def on_step(record: dict[str, float]) -> None:
         steps.append({"t": time.perf_counter(), "samples": record["samples"], "unscored": record["unscored_ratio"],
-                      "format_errors": record["format_error_ratio"], "step_seconds": record.get("step_seconds", 0.0)})
+                      "format_errors": record["format_error_ratio"], "step_seconds": record.get("step_seconds", 0.0),
+                      "learner_idle": record["idle/learner"], "staleness": record["staleness"]})
 
-    config = driver_config(model_dir, run_dir, staleness, sizes)
+    config = driver_config(model_dir, run_dir, staleness, sizes, extra)
     summary = TrainingDriver(config, states, model_dir, judge_url=judge_url, judge_model="judge", evaluate=mark, on_step=on_step).run()
     if summary["steps"] != sizes.steps:
         raise SystemExit(f"driver ran {summary['steps']} of {sizes.steps} steps")
@@ -332,6 +339,8 @@ def run_driver(model_dir: Path, states: Sequence[Any], sizes: Sizes, staleness: 
         # Where a steady-state step's time goes: the learner's own call (its weight gather included) and the rest.
         "learner_step_s": statistics.median(s["step_seconds"] for s in steps[1:]),
         "period_s": steady_seconds / max(len(steps) - 1, 1),
+        "learner_idle": statistics.mean(s["learner_idle"] for s in steps[1:]),
+        "staleness": statistics.mean(s["staleness"] for s in steps[1:]),
     }
 
 

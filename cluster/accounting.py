@@ -121,6 +121,7 @@ class DriverMetrics:
         self.rollout_idle = Gauge("ampo_rollout_idle_ratio", "Share of the last step's time rollout engines had no group.")
         self.learner_idle = Gauge("ampo_learner_idle_ratio", "Share of the last step's time the learner was not training.")
         self.judge_saturated = Gauge("ampo_judge_saturated_ratio", "Share of the last step's time the judge pool was full.")
+        self.updated_tokens = Gauge("ampo_updated_token_ratio", "Share of the last step's tokens made after an update.")
         self.groups = Counter("ampo_driver_groups_total", "Groups per pipeline stage.", tag_keys=("stage",))
         self.groups.zero(stage=GROUP_STAGES)
         self.eval_goal = Gauge(
@@ -160,6 +161,7 @@ class DriverMetrics:
         self.rollout_idle.set(metrics["idle/rollout"])
         self.learner_idle.set(metrics["idle/learner"])
         self.judge_saturated.set(metrics["saturated/judge"])
+        self.updated_tokens.set(metrics["updated_token_ratio"])
         for mode in MODES:
             tags = {"mode": str(mode)}
             self.mode_fraction.set(metrics[f"mode_fraction/{mode}"], tags=tags)
@@ -185,6 +187,9 @@ def batch_statistics(groups: Sequence[ScoredGroup], version: int) -> dict[str, f
         "unscored_ratio": sum(s.reward is None for s in samples) / max(len(samples), 1),
         "staleness": float(np.mean([version - g.policy_version for g in groups])) if groups else 0.0,
         "response_tokens_mean": float(np.mean([s.response_length for s in samples])) if samples else 0.0,
+        # Tokens a newer policy produced than the one their response started under (in-flight weight updates).
+        "updated_token_ratio": sum(v > s.sample.policy_version for s in samples for v in s.sample.versions)
+        / max(sum(s.response_length for s in samples), 1),
     }
     valid = [s for s in samples if s.mode is not None]
     for mode in MODES:

@@ -62,7 +62,10 @@ class AlgorithmConfig(ConfigSection):
     total_steps: int = Field(800, ge=1)
     """Learner steps to run (paper: 800)."""
     max_staleness: int = Field(0, ge=0)
-    """How many policy versions a group may lag behind the learner. 0 is synchronous on-policy RL."""
+    """Largest staleness a group may have when the learner consumes it, staleness being the consumption lag: the
+    learner's policy version at consumption minus the oldest version that produced any of the group's tokens (the
+    version its requests started under). The replay queue refuses or drops older groups; the driver issues no group
+    that could exceed it (`ampo_queue_staleness` shows the distribution). 0 is synchronous on-policy RL."""
     clip_ratio: float = Field(0.2, gt=0)
     """PPO clip range ε."""
     kl_coef: float = Field(0.001, ge=0)

@@ -157,3 +157,18 @@ def test_counts_go_to_the_stage_counter_once() -> None:
     assert counts.as_dict()["issued"] == 1 and counts.consumed == 3 and counts.resubmitted_rollout == 1
     assert series.calls == [(1, {"stage": "issued"}), (3, {"stage": "consumed"})]
     assert "series" not in counts.as_dict()
+
+
+def test_updated_token_ratio_counts_tokens_a_newer_version_made() -> None:
+    import dataclasses
+
+    group = make_group("g0", [0.5, 0.6], modes=[1, 2], response_lens=[4, 6], version=2)
+    first, second = group.samples
+    # Sample 0: its last two tokens came after an update to version 3; sample 1 was made by version 2 throughout.
+    spanning = dataclasses.replace(first, sample=dataclasses.replace(first.sample, token_versions=(2, 2, 3, 3)))
+    group = dataclasses.replace(group, samples=(spanning, second))
+    assert batch_statistics([group], 3)["updated_token_ratio"] == pytest.approx(2 / 10)
+    with pytest.raises(ValueError, match="token versions must tag each of the 4 response tokens"):
+        dataclasses.replace(first.sample, token_versions=(2, 3))
+    with pytest.raises(ValueError, match="with a version of at least 2"):
+        dataclasses.replace(first.sample, token_versions=(1, 2, 2, 2))

@@ -91,3 +91,17 @@ def test_every_imported_package_is_declared_and_every_declared_one_is_used():
     used = {d.lower().replace("_", "-") for module in imported for d in distributions.get(module, [module])}
     unused = sorted(core - used - set(USED_WITHOUT_IMPORT))
     assert unused == [], f"declared in pyproject.toml but imported nowhere: {unused}"
+
+
+def test_every_local_import_resolves():
+    """Scripts that CI does not run (benches, experiments) still import only modules that exist: a module moved
+    (a test double to `testing/`) leaves no bench behind."""
+    import importlib.util
+
+    missing = []
+    for folder in ("bench", "experiments", "scripts", "actors", "learner", "reward", "cluster", "testing"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for module in imported_modules(path):
+                if module.split(".")[0] in LOCAL_MODULES - {"tests", "conftest"} and importlib.util.find_spec(module) is None:
+                    missing.append(f"{path.relative_to(ROOT)}: {module}")
+    assert missing == []

@@ -86,6 +86,32 @@ def test_group_from_output_never_returns_fewer_than_n():
         group_from_output(request, [1, 2], None, 0, decode)
 
 
+def test_streamed_deltas_merge_into_samples_whose_tokens_carry_their_policy_version():
+    """An update lands between the first and the second delta the actor takes: the second delta was produced after
+    the first take, when version 0 was served (some of it maybe after the update: the tag errs old), so it is
+    tagged 0; the third delta, produced after the second take (version 1 served then), is tagged 1."""
+    from actors.rollout import VersionedOutput
+
+    def delta(*completions, finished=False):
+        return SimpleNamespace(finished=finished, outputs=list(completions))
+
+    merged = VersionedOutput(start_version=0)
+    merged.add(delta(completion(0, [3, 4], None), completion(1, [5], None)), serving_version=0)
+    merged.add(delta(completion(1, [6, 7], None)), serving_version=1)  # the update landed before this take
+    merged.add(delta(completion(0, [8], "stop"), completion(1, [9], "length"), finished=True), serving_version=1)
+    request = GroupRequest("g", "s", prompt_token_ids=(1, 2), sampling=SamplingSpec(n=2, max_tokens=4))
+    group = group_from_output(request, [1, 2], merged, 0, decode)
+    first, second = group.samples
+    assert first.response_token_ids == (3, 4, 8) and first.token_versions == (0, 0, 1) and first.finish_reason == "stop"
+    assert second.response_token_ids == (5, 6, 7, 9) and second.token_versions == (0, 0, 0, 1)
+    assert second.behaviour_logprobs == (-1.0,) * 4 and group.policy_version == 0
+    # A delta without log-probs spoils its completion, as a final output without them would.
+    spoiled = VersionedOutput(start_version=0)
+    spoiled.add(delta(completion(0, [3], "stop"), completion(1, [4], "stop", logprobs=False), finished=True), 0)
+    with pytest.raises(IncompleteGroupError, match="log-prob positions"):
+        group_from_output(request, [1, 2], spoiled, 0, decode)
+
+
 def test_ray_options_restart_the_actor_but_never_replay_calls():
     config = RolloutConfig(max_restarts=5)
     options = rollout_actor_options(config, num_cpus=2)
@@ -153,18 +179,10 @@ def test_two_actors_serve_at_once(ray_local, actors):
 
 @pytest.mark.slow
 def test_update_during_generation_loses_no_request(ray_local, actors, tiny_model_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from actors.weights import serialize_weights
 
     actor = actors[0]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    blob = ray_local.put(serialize_weights(model.state_dict().items()))
+    blob = ray_local.put(serialize_weights(perturbed_state(tiny_model_dir).items()))
 
     long = SamplingSpec(n=4, max_tokens=512)
     refs = [
@@ -180,12 +198,62 @@ def test_update_during_generation_loses_no_request(ray_local, actors, tiny_model
 
     groups = ray_local.get(refs, timeout=120)
     assert all(len(g.samples) == 4 and g.policy_version == 0 for g in groups)
+    # Tokens sampled after the update carry version 1, those before it version 0, in that order.
+    versions = [s.token_versions for g in groups for s in g.samples]
+    assert all(len(v) == len(s.response_token_ids) and list(v) == sorted(v) for v, s in
+               zip(versions, (s for g in groups for s in g.samples)))
+    assert any(v[0] == 0 and v[-1] == 1 for v in versions), "no response spans the update"
     assert all(len(s.behaviour_logprobs) == len(s.response_token_ids) for g in groups for s in g.samples)
     assert during["requests_in_flight"] > 0, "the update did not overlap the generation"
     after = ray_local.get(
         actor.generate.remote(GroupRequest("after", "s", messages=MESSAGES, sampling=SamplingSpec(n=2, max_tokens=8)))
     )
     assert after.policy_version == 1 and ray_local.get(actor.version.remote()) == 1
+
+
+@pytest.mark.slow
+def test_a_drain_update_lets_requests_in_flight_finish_and_holds_new_ones(ray_local, tiny_model_dir):
+    """`rollout.weight_update: drain`: the update lands only after the requests in flight finished under the old
+    weights, and a request sent meanwhile is admitted after it, under the new version."""
+    from actors.rollout import create_rollout_actors
+    from actors.weights import serialize_weights
+
+    (actor,) = create_rollout_actors(engine_config(tiny_model_dir, weight_update="drain"), tiny_model_dir, num=1, num_cpus=1)
+    try:
+        blob = ray_local.put(serialize_weights(perturbed_state(tiny_model_dir).items()))
+        long = SamplingSpec(n=2, max_tokens=384)
+        refs = [
+            actor.generate.remote(GroupRequest(f"long-{i}", "s", prompt_token_ids=tuple(range(3, 40)), sampling=long))
+            for i in range(2)
+        ]
+        deadline = time.monotonic() + 60
+        while ray_local.get(actor.health.remote())["requests_in_flight"] < 2:
+            assert time.monotonic() < deadline, "the long requests never started"
+            time.sleep(0.05)
+        update = actor.update_weights.remote(1, blob)
+        time.sleep(0.5)  # the update is draining now
+        late = actor.generate.remote(GroupRequest("late", "s", messages=MESSAGES, sampling=SamplingSpec(n=2, max_tokens=8)))
+        assert ray_local.get(update, timeout=120) is True
+        finished, _ = ray_local.wait(refs, num_returns=2, timeout=0)
+        assert len(finished) == 2, "the update landed while requests were still in flight"
+        assert [g.policy_version for g in ray_local.get(refs)] == [0, 0]
+        assert ray_local.get(late, timeout=60).policy_version == 1
+    finally:
+        ray_local.get(actor.shutdown.remote(), timeout=60)
+        ray_local.kill(actor, no_restart=True)
+
+
+def perturbed_state(model_dir: Path) -> dict:
+    """The tiny model's weights with small seeded noise added: an update that changes what the engine computes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    return model.state_dict()
 
 
 @pytest.mark.slow
