@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A plain SIGTERM would end the process without unwinding: the local judge server (its own process group)
-    # and Ray would be left running. As an exit they are stopped like on Ctrl-C; the training driver installs
-    # its own handler while it runs, to finish the step and write a checkpoint first.
+    # and Ray would be left running. As an interruption they are stopped like on Ctrl-C; the training driver
+    # installs its own handler while it runs, to finish the step and write a checkpoint first.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if args.command == "config":
@@ -93,21 +93,31 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as exc:
         print(f"ampo: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ampo: interrupted; what was finished is kept, and the same command continues from it", file=sys.stderr)
+        return 128 + _interrupted_by
     return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
     """`ampo doctor`: the preflight checks alone, one line each; status 2 when one fails."""
-    from cluster.preflight import check_endpoints
+    from cluster.preflight import check_endpoints, check_run_dir
 
-    checks = check_endpoints(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    checks = [check_run_dir(config), *check_endpoints(config)]
     for check in checks:
         print(check.line())
     return 0 if all(c.ok for c in checks) else 2
 
 
+_interrupted_by = signal.SIGINT
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    """SIGTERM unwinds like Ctrl-C: servers and engines are stopped, finished work is kept."""
+    global _interrupted_by
+    _interrupted_by = signum
+    raise KeyboardInterrupt
 
 
 def _train(args: argparse.Namespace) -> int:

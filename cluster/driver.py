@@ -329,7 +329,7 @@ class TrainingDriver:
 
         try:  # Ray restarts a lost reward actor; the group is sent to the pool again until it is scored
             scoring = AsyncRetrying(wait=wait_fixed(1.0), retry=retry_if_exception_type(ACTOR_LOST), before_sleep=rescore)
-            scored = await scoring(self.reward_pool.score, group)
+            scored = await scoring(_awaited, lambda: self.reward_pool.score(group))
         finally:
             self.judge_load.change(-len(group.samples))
         self._pending[request.group_id][1] = "scored"
@@ -534,6 +534,12 @@ class TrainingDriver:
 
 async def _await_ref(ref: ray.ObjectRef) -> Any:
     return await ref
+
+
+async def _awaited(call: Callable[[], Awaitable[Any]]) -> Any:
+    """`await call()`: what tenacity retries (it calls a plain function without awaiting what it returns, and a
+    Ray call returns an ObjectRef)."""
+    return await call()
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -249,6 +249,9 @@ class EpisodeRunner:
     prompts: PromptSet = DEFAULT_PROMPTS
     thinking: bool = True
     count_text: Callable[[str], int] | None = None
+    interrupt_grace_s: float = 10.0
+    """On an interruption (Ctrl-C, SIGTERM), played episodes whose judging ends within this many seconds are still
+    written; the judging of the others is abandoned and they are played again by the next run."""
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
@@ -293,13 +296,32 @@ class EpisodeRunner:
                 for task in [task for task in writing if task.done()]:
                     writing.discard(task)
                     finished[task.result().key] = task.result()  # raises the hook's error at once
-            for record in await asyncio.gather(*writing):
-                finished[record.key] = record
+            if writing:  # asyncio.wait, not gather: an interruption must not cancel the judging it may still keep
+                await asyncio.wait(writing)
+            for task in writing:
+                finished[task.result().key] = task.result()
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            await self._keep_what_is_judged_soon(writing)
+            raise
         except BaseException:
             # Whatever has already been played and is only waiting for its judge is still worth keeping.
             await asyncio.gather(*writing, return_exceptions=True)
             raise
         return [finished[key] for key in plan]
+
+    async def _keep_what_is_judged_soon(self, writing: set[asyncio.Task[EpisodeRecord]]) -> None:
+        """The run was interrupted: wait `interrupt_grace_s` for the episodes being judged, then abandon the rest (a
+        full evaluation can have hundreds waiting for a slow judge; stopping must not take that long)."""
+        if not writing:
+            return
+        log.warning("interrupted: %d played episode(s) are being judged; those done within %.0f s are kept, the "
+                    "others are played again by the next run", len(writing), self.interrupt_grace_s)
+        done, pending = await asyncio.wait(writing, timeout=self.interrupt_grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        kept = sum(not task.cancelled() and task.exception() is None for task in done)
+        log.warning("kept %d of them; %d abandoned", kept, len(writing) - kept)
 
     def _resume(self, out_path: Path) -> dict[tuple[int, ActorRole], EpisodeRecord]:
         """The records a previous run on this file finished. They must come from the same kind of run: mixing

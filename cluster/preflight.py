@@ -9,14 +9,18 @@ the check, made from this process:
 2. lists the served models and finds the configured one (servers that cannot list models are let through);
 3. sends one tiny chat request and needs an answer.
 
-A failure stops the command with one line that names the field. `ampo doctor --config F` runs the same checks and
-prints each result.
+The run directory is checked first: it must be writable and have room (`check_run_dir`). A failure stops the
+command with one line that names the field. `ampo doctor --config F` runs the same checks and prints each result.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 
@@ -28,6 +32,9 @@ log = logging.getLogger(__name__)
 
 LOCAL = "local"
 TIMEOUT_S = 20.0
+MIN_FREE_BYTES = 256 << 20
+"""Free space a run directory needs before a command starts (a checkpoint of the tiny test model is a few MiB; a
+paper run's are tens of GB, which a full disk reports when it is written, leaving the previous one intact)."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +97,31 @@ def check_endpoints(config: Config, *, training: bool = True) -> list[EndpointCh
     return [check_endpoint(field, section) for field, section in endpoint_sections(config, training=training)]
 
 
+def check_run_dir(config: Config, *, min_free_bytes: int = MIN_FREE_BYTES) -> EndpointCheck:
+    """`cluster.run_dir` can be created and written (a probe file is written, synced and removed), and its disk
+    has at least `min_free_bytes` free: a read-only or full disk is named before any work, not found by a
+    checkpoint or a results line that cannot be written."""
+    run_dir = Path(config.cluster.run_dir)
+    field = "cluster.run_dir"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".ampo-probe-") as probe:
+            probe.write(b"ampo")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        return EndpointCheck(field, False, f"{run_dir} cannot be written: {exc.strerror or exc}")
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free_bytes:
+        return EndpointCheck(field, False, f"{run_dir} has {free / 2**20:.0f} MiB free; a run needs at least "
+                                           f"{min_free_bytes / 2**20:.0f} MiB (checkpoints, rollouts, results)")
+    return EndpointCheck(field, True, f"{run_dir} writable, {free / 2**30:.1f} GiB free")
+
+
 def preflight(config: Config, *, training: bool = True) -> list[EndpointCheck]:
-    """Check every endpoint; raise ConfigError naming the failed fields, else return the checks."""
-    checks = check_endpoints(config, training=training)
+    """Check the run directory and every endpoint; raise ConfigError naming the failed fields, else return the
+    checks."""
+    checks = [check_run_dir(config), *check_endpoints(config, training=training)]
     for check in checks:
         log.info("preflight %s", check.line())
     failed = [c for c in checks if not c.ok]

@@ -58,6 +58,9 @@ class RolloutRouter:
         if (before == 0) != (self.load[index] == 0):
             self.occupancy.change(1 if before == 0 else -1)
 
+    async def _health(self, index: int) -> Any:
+        return await self.actors[index].health.remote()
+
     async def _after_loss(self, index: int) -> None:
         async with self._resyncing:
             waiting = AsyncRetrying(
@@ -65,7 +68,7 @@ class RolloutRouter:
                 reraise=True,
             )
             try:
-                await waiting(lambda: self.actors[index].health.remote())
+                await waiting(self._health, index)
             except ACTOR_LOST:
                 raise RuntimeError(f"rollout actor {index} did not come back within {RESTART_TIMEOUT_S} s") from None
             await self._resync()

@@ -128,6 +128,8 @@ class FaultConfig:
     seed: int = 0
     script: Sequence[str] | None = None
     answer: Callable[[str], str] = hashed_answer
+    evaluation_delay_s: float = 0.0
+    """Extra wait before answering an episode-evaluator prompt: a slow 7-dimension judge."""
     model: str = "fault-judge"
     api_key: str | None = None
     """When set, every /v1 request without ``Authorization: Bearer <api_key>`` gets HTTP 401, as a hosted API does."""
@@ -375,7 +377,7 @@ class FaultServer:
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError
-        await self._sleep(cfg.latency_s)
+        await self._sleep(cfg.latency_s + (cfg.evaluation_delay_s if is_evaluation_prompt(prompt) else 0.0))
         if outcome == "bad_response":
             cut = '{"id": "cut", "choices": [{"message": {"content": "'
             return web.Response(text=cut, content_type="application/json")

@@ -244,6 +244,32 @@ async def test_a_failing_evaluator_stops_the_run_but_keeps_the_scored_episodes(t
     assert [(r.env_id, r.agent1_scores) for r in load_records(out)] == [(0, {"goal": ("ok", 5)})]
 
 
+async def test_an_interruption_keeps_what_the_judge_finishes_soon_and_stops(tmp_path: Path) -> None:
+    """Ctrl-C while played episodes wait for a slow judge: the run stops after the grace period instead of waiting
+    for every judgement; what was judged in time is on disk, the rest is played again next time."""
+    import asyncio
+
+    out = tmp_path / "out.jsonl"
+    asked: set[int] = set()
+
+    async def evaluate(record: EpisodeRecord) -> EpisodeRecord:
+        asked.add(record.env_id)
+        await asyncio.sleep(0.05 if record.env_id == 0 else 3600)  # episode 1's judge never answers in time
+        return record.model_copy(update={"agent1_scores": {"goal": ("ok", 5)}})
+
+    runner = EpisodeRunner(ScriptedPolicy(), max_turns=2, evaluate=evaluate, interrupt_grace_s=0.5)
+    run = asyncio.ensure_future(runner.run(DATA, [0, 1], out))
+    while asked != {0, 1}:
+        await asyncio.sleep(0.01)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):  # within the grace (0.5 s), not the judge's hour
+        await asyncio.wait_for(run, timeout=10)
+    assert [r.env_id for r in load_records(out)] == [0]
+    resumed = ScriptedPolicy()
+    await EpisodeRunner(resumed, max_turns=2).run(DATA, [0, 1], out)
+    assert len(resumed.asked()) == 2  # episode 1's two turns, episode 0 is kept
+
+
 async def test_a_policy_that_loses_outputs_is_an_error(tmp_path: Path) -> None:
     async def lossy(batch: list[list[Message]]) -> list[Generation]:
         return [Generation("x")] * (len(batch) - 1)

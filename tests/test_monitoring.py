@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
-import re
 import struct
 import sys
 import types

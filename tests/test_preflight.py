@@ -49,7 +49,7 @@ def judge_args(url: str) -> list[str]:
 def train(tmp_path: Path, *overrides: str) -> list[str]:
     states = tmp_path / "states.parquet"
     states.touch()  # present (it is read after the preflight)
-    return ["train", "--config", str(TINY), f"data.train_states={states}", *overrides]
+    return ["train", "--config", str(TINY), f"data.train_states={states}", f"cluster.run_dir={tmp_path / 'run'}", *overrides]
 
 
 def test_train_stops_before_any_engine_on_an_unreachable_judge(tmp_path, capsys, no_engines) -> None:
@@ -64,10 +64,11 @@ def test_train_stops_on_a_missing_key_and_doctor_says_the_same(tmp_path, capsys,
     assert cli.main(train(tmp_path, *judge_args(keyed_server.base_url))) == 2
     err = capsys.readouterr().err
     assert "reward.judge: FAILED" in err and f"${KEY_ENV} is not set here" in err
-    assert cli.main(["doctor", "--config", str(TINY), *judge_args(keyed_server.base_url)]) == 2
+    assert cli.main(["doctor", "--config", str(TINY), f"cluster.run_dir={tmp_path / 'run'}", *judge_args(keyed_server.base_url)]) == 2
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("reward.judge: FAILED") and f"${KEY_ENV} is not set here" in out[0]
-    assert out[1] == "eval.judge: ok: a local server started by this run"
+    assert out[0].startswith(f"cluster.run_dir: ok: {tmp_path / 'run'} writable")
+    assert out[1].startswith("reward.judge: FAILED") and f"${KEY_ENV} is not set here" in out[1]
+    assert out[2] == "eval.judge: ok: a local server started by this run"
 
 
 @pytest.mark.integration
@@ -99,3 +100,30 @@ def test_a_key_file_on_shared_storage_reaches_every_caller(keyed_server, tmp_pat
     assert check_endpoint("reward.judge", section).ok
     key_file.write_text("")
     assert "is empty" in check_endpoint("reward.judge", section).detail
+
+
+def test_a_read_only_or_full_run_directory_stops_the_command_naming_it(tmp_path, capsys, no_engines, monkeypatch) -> None:
+    import errno
+    import shutil
+    import tempfile
+    from collections import namedtuple
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')  # an earlier run's results stay as they are
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "NamedTemporaryFile", read_only)
+        assert cli.main(train(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"cluster.run_dir: FAILED: {run_dir} cannot be written: Read-only file system" in err
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, (10 << 30) - (5 << 20), 5 << 20))
+        assert cli.main(train(tmp_path)) == 2
+    assert f"cluster.run_dir: FAILED: {run_dir} has 5 MiB free; a run needs at least 256 MiB" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
