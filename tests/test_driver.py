@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import urllib.request
 
@@ -125,9 +126,10 @@ def test_resume_continues_without_skipping_or_repeating(ray_local, tiny_config_p
     assert sorted(group_ids, key=lambda g: int(g[1:])) == [f"g{i}" for i in range(len(group_ids))]
 
 
-def test_every_catalogued_series_carries_values_after_real_steps(ray_local, tiny_config_path, cloned, tmp_path, judge):
-    """Two learner steps and two evaluations of a real run (every role, the judge reached), then Prometheus is
-    scraped: any series of the catalogue that received no sample fails the test, by name."""
+def test_every_catalogued_series_carries_values_during_real_steps(ray_local, tiny_config_path, cloned, tmp_path, judge):
+    """Two learner steps and three evaluations of a real run (every role, the judge reached), its metrics endpoint
+    scraped every second as Prometheus would: any series of the catalogue that never carried a sample fails the
+    test, by name."""
     from cluster.endpoints import Endpoint
     from cluster.evaluation import driver_evaluation
     from cluster.metrics import CATALOGUE
@@ -139,23 +141,38 @@ def test_every_catalogued_series_carries_values_after_real_steps(ray_local, tiny
     ])
     evaluation = driver_evaluation(config, judge=Endpoint(judge.base_url, "judge"), out_dir=tmp_path / "run" / "eval")
     driver = TrainingDriver(config, states, policy, judge_url=judge.base_url, judge_model="judge", evaluate=evaluation)
-    summary = driver.run()
-    assert summary["steps"] == 2
     port = ray_local._private.worker.global_worker.node.metrics_export_port
     wanted = {spec.exported for spec in CATALOGUE}
-    deadline, seen = time.monotonic() + 60, {}
-    while time.monotonic() < deadline:  # Ray's agent exports what the processes recorded every few seconds
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        seen = {}
-        for line in text.splitlines():
-            if line.startswith("ray_ampo_"):
-                name = line.split("{")[0].split(" ")[0].removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
-                seen.setdefault(name, float(line.rsplit(" ", 1)[1]))
-        if wanted <= set(seen):
-            break
-        time.sleep(3)
-    assert sorted(wanted - set(seen)) == [], "catalogued series without a sample after two steps and evaluations"
-    assert seen["ray_ampo_policy_version"] >= 2 and seen["ray_ampo_rollout_tokens_generated_total"] > 0
+    seen: dict[str, float] = {}
+    texts: list[str] = []
+    running = threading.Event()
+
+    def scrape() -> None:  # as Prometheus does, while the run is live (its roles' series end with them)
+        while running.is_set():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            texts.append(text)
+            for line in text.splitlines():
+                if line.startswith("ray_ampo_"):
+                    name = line.split("{")[0].split(" ")[0].removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+                    seen[name] = float(line.rsplit(" ", 1)[1])
+            time.sleep(1.0)
+
+    running.set()
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        summary = driver.run()
+        deadline = time.monotonic() + 30  # the last records reach the endpoint with Ray's next export
+        while not wanted <= set(seen) and time.monotonic() < deadline:
+            time.sleep(1.0)
+    finally:
+        running.clear()
+        scraper.join(timeout=30)
+    assert summary["steps"] == 2
+    missing = sorted(wanted - set(seen))
+    assert not missing, f"catalogued series without a sample during two steps and evaluations: {missing}"
+    assert seen["ray_ampo_policy_version"] >= 1 and seen["ray_ampo_rollout_tokens_generated_total"] > 0
+    text = "".join(texts)
     # The per-mode advantage series are set from the learner's keys (they once never were).
     modes = {m.group(1) for m in re.finditer(r'ray_ampo_advantage_mean\{[^}]*mode="(\d)"', text)}
     assert modes == {"1", "2", "3", "4"}
