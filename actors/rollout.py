@@ -5,8 +5,9 @@ Generation
     The actor wraps vLLM's v1 `AsyncLLM`, so many groups are in flight at once and the engine batches
     them. Chat messages are templated once, by the served model's own tokenizer, into token ids; the
     engine gets those ids and nothing is re-tokenised afterwards. Sampling uses
-    `RequestOutputKind.FINAL_ONLY` (with cumulative outputs some of the n completions go missing) and
-    `logprobs=0`, which returns exactly the log-probability of each sampled token: the behaviour
+    `RequestOutputKind.DELTA`, merged per completion index (`VersionedOutput`; cumulative outputs can lose
+    some of the n completions, deltas cannot, and each delta can be tagged with the policy version serving
+    then), and `logprobs=0`, which returns exactly the log-probability of each sampled token: the behaviour
     log-probs the learner's importance weights need. Text is decoded once per finished sample rather
     than incrementally at every engine step (no stop strings need it, and on a small CPU the per-step
     detokenisation competes with the engine for cores). There are no per-request seeds (they crash the
