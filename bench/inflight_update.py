@@ -32,16 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.pipeline import (  # noqa: E402
-    CLONED_ANSWER,
-    INSTRUCTION_CHARS,
-    NUM_STATES,
-    SHORT_SYSTEM_PROMPT,
-    Sizes,
-    build_policy,
-    driver_config,
-    run_driver,
-)
+from bench.pipeline import Sizes, cloned_policy, driver_config, run_driver  # noqa: E402
 
 JUDGE_LATENCY_S = 0.3
 MODES = ("in_flight", "drain")
@@ -58,32 +49,13 @@ def main() -> None:
                   staleness=args.staleness, pin_learner=True)
 
     import ray
-    from transformers import AutoTokenizer
 
-    from actors.sotopia import SotopiaDataset
-    from actors.states import make_state
     from cluster.ray_cluster import connect
-    from reward.modes import format_response
     from testing.fault_server import FaultConfig, FaultServer
-    from testing.tiny_model import build_tiny_model
 
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="ampo-bench-inflight-"))
-    model_dir = build_tiny_model(tmp / "model", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
-    dataset = SotopiaDataset.load()
-    states = [
-        state.model_copy(update={"system_prompt": SHORT_SYSTEM_PROMPT, "instruction": state.instruction[-INSTRUCTION_CHARS:]})
-        for state in (make_state(dataset, i, [], (5.0, 5.0)) for i in range(NUM_STATES))
-    ]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [
-        tokenizer(tokenizer.apply_chat_template(s.messages(s.system_prompt), add_generation_prompt=True, tokenize=False),
-                  add_special_tokens=False)["input_ids"]
-        for s in states
-    ]
-    response = tokenizer(format_response(1, None, CLONED_ANSWER), add_special_tokens=False)["input_ids"]
-    response.append(tokenizer.eos_token_id)
-    bc = build_policy(model_dir, prompts, response)
+    model_dir, states, _, response, bc = cloned_policy(tmp)
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cpus, load average at start {load[0]:.1f}")
     print(f"policy: tiny Llama cloned on a {len(response)}-token response in {bc['bc_steps']} steps; work per run: "

@@ -149,6 +149,33 @@ def build_policy(out: Path, prompts: Sequence[list[int]], response: list[int]) -
     return {"bc_steps": step, "bc_loss": loss_value, "bc_seconds": time.perf_counter() - started}
 
 
+def cloned_policy(tmp: Path) -> tuple[Path, list[Any], list[list[int]], list[int], dict[str, float]]:
+    """The benches' policy and work: the tiny Llama written under ``tmp``, the short-prompt states, their prompt ids,
+    and the level-1 response cloned into the model after each prompt (with the cloning's figures)."""
+    from transformers import AutoTokenizer
+
+    from actors.sotopia import SotopiaDataset
+    from actors.states import make_state
+    from reward.modes import format_response
+    from testing.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(tmp / "model", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    dataset = SotopiaDataset.load()
+    states = [
+        state.model_copy(update={"system_prompt": SHORT_SYSTEM_PROMPT, "instruction": state.instruction[-INSTRUCTION_CHARS:]})
+        for state in (make_state(dataset, i, [], (5.0, 5.0)) for i in range(NUM_STATES))
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [
+        tokenizer(tokenizer.apply_chat_template(s.messages(s.system_prompt), add_generation_prompt=True, tokenize=False),
+                  add_special_tokens=False)["input_ids"]
+        for s in states
+    ]
+    response = tokenizer(format_response(1, None, CLONED_ANSWER), add_special_tokens=False)["input_ids"]
+    response.append(tokenizer.eos_token_id)
+    return model_dir, states, prompts, response, build_policy(model_dir, prompts, response)
+
+
 def driver_config(model_dir: Path, run_dir: Path, staleness: int, sizes: Sizes, extra: Sequence[str] = ()) -> Any:
     """The tiny test config with this bench's sizes; only ``max_staleness`` differs between the two driver runs
     (``extra`` overrides are for the benches that reuse this one's setup)."""
@@ -358,32 +385,13 @@ def main() -> None:
     )
 
     import ray
-    from transformers import AutoTokenizer
 
-    from actors.sotopia import SotopiaDataset
-    from actors.states import make_state
-    from testing.tiny_model import build_tiny_model
     from cluster.ray_cluster import connect
-    from reward.modes import format_response
 
     load_start = os.getloadavg()
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="ampo-bench-pipeline-"))
-    model_dir = build_tiny_model(tmp / "model", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
-    dataset = SotopiaDataset.load()
-    states = [
-        state.model_copy(update={"system_prompt": SHORT_SYSTEM_PROMPT, "instruction": state.instruction[-INSTRUCTION_CHARS:]})
-        for state in (make_state(dataset, i, [], (5.0, 5.0)) for i in range(NUM_STATES))
-    ]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [
-        tokenizer(tokenizer.apply_chat_template(s.messages(s.system_prompt), add_generation_prompt=True, tokenize=False),
-                  add_special_tokens=False)["input_ids"]
-        for s in states
-    ]
-    response = tokenizer(format_response(1, None, CLONED_ANSWER), add_special_tokens=False)["input_ids"]
-    response.append(tokenizer.eos_token_id)
-    bc = build_policy(model_dir, prompts, response)
+    model_dir, states, prompts, response, bc = cloned_policy(tmp)
     print(f"machine: {os.cpu_count()} cpus, load average at start {load_start[0]:.1f} {load_start[1]:.1f} {load_start[2]:.1f}")
     print(f"policy: tiny Llama hidden 128 x 2 layers, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
           f"cloned a {len(response)}-token level-1 response in {bc['bc_steps']} AdamW steps "

@@ -329,7 +329,7 @@ class TrainingDriver:
 
         try:  # Ray restarts a lost reward actor; the group is sent to the pool again until it is scored
             scoring = AsyncRetrying(wait=wait_fixed(1.0), retry=retry_if_exception_type(ACTOR_LOST), before_sleep=rescore)
-            scored = await scoring(_awaited, lambda: self.reward_pool.score(group))
+            scored = await scoring(self._score, group)  # a coroutine function: tenacity awaits what it returns
         finally:
             self.judge_load.change(-len(group.samples))
         self._pending[request.group_id][1] = "scored"
@@ -350,6 +350,9 @@ class TrainingDriver:
             self.counts.add("refused")
             log.info("the replay queue refused group %s (%s); a replacement is issued", request.group_id, result)
             self._top_up()
+
+    async def _score(self, group: Any) -> ScoredGroup:
+        return await self.reward_pool.score(group)
 
     def _filter_out(self, group: ScoredGroup) -> bool:
         """Whether a scored group is dropped for carrying no gradient (see `algorithm.filter_uninformative`)."""
@@ -535,11 +538,6 @@ class TrainingDriver:
 async def _await_ref(ref: ray.ObjectRef) -> Any:
     return await ref
 
-
-async def _awaited(call: Callable[[], Awaitable[Any]]) -> Any:
-    """`await call()`: what tenacity retries (it calls a plain function without awaiting what it returns, and a
-    Ray call returns an ObjectRef)."""
-    return await call()
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -189,10 +189,7 @@ def test_update_during_generation_loses_no_request(ray_local, actors, tiny_model
         actor.generate.remote(GroupRequest(f"long-{i}", "s", prompt_token_ids=tuple(range(3, 40)), sampling=long))
         for i in range(4)
     ]
-    deadline = time.monotonic() + 30
-    while ray_local.get(actor.health.remote())["requests_in_flight"] < 4:
-        assert time.monotonic() < deadline, "the long requests never started"
-        time.sleep(0.05)
+    wait_in_flight(ray_local, actor, 4)
     assert ray_local.get(actor.update_weights.remote(1, blob), timeout=60) is True
     during = ray_local.get(actor.health.remote())
 
@@ -226,10 +223,7 @@ def test_a_drain_update_lets_requests_in_flight_finish_and_holds_new_ones(ray_lo
             actor.generate.remote(GroupRequest(f"long-{i}", "s", prompt_token_ids=tuple(range(3, 40)), sampling=long))
             for i in range(2)
         ]
-        deadline = time.monotonic() + 60
-        while ray_local.get(actor.health.remote())["requests_in_flight"] < 2:
-            assert time.monotonic() < deadline, "the long requests never started"
-            time.sleep(0.05)
+        wait_in_flight(ray_local, actor, 2)
         update = actor.update_weights.remote(1, blob)
         time.sleep(0.5)  # the update is draining now
         late = actor.generate.remote(GroupRequest("late", "s", messages=MESSAGES, sampling=SamplingSpec(n=2, max_tokens=8)))
@@ -241,6 +235,14 @@ def test_a_drain_update_lets_requests_in_flight_finish_and_holds_new_ones(ray_lo
     finally:
         ray_local.get(actor.shutdown.remote(), timeout=60)
         ray_local.kill(actor, no_restart=True)
+
+
+def wait_in_flight(ray_local, actor, count: int, timeout_s: float = 60) -> None:
+    """Until `count` requests are being generated on `actor`."""
+    deadline = time.monotonic() + timeout_s
+    while ray_local.get(actor.health.remote())["requests_in_flight"] < count:
+        assert time.monotonic() < deadline, "the long requests never started"
+        time.sleep(0.05)
 
 
 def perturbed_state(model_dir: Path) -> dict:
