@@ -24,7 +24,11 @@ How the driver keeps every stage busy and every group accounted for:
   `ampo_driver_groups_total{stage}` report each count.
 * **Resume**: a checkpoint stores the data cursor (epoch, position in the seeded order, the ids of groups
   issued but not yet in the queue) together with the queue's waiting groups. On resume the in-flight
-  groups are issued again first, with their original group ids, so no prompt is skipped or repeated.
+  groups are issued again first, with their original group ids, so no prompt is skipped or repeated. This
+  holds however the previous run ended, the driver process killed included: what it did after its last
+  checkpoint died with the learner's weights, so the records of those steps are moved out of `metrics.jsonl`
+  and `consumed.jsonl` (the ids of the groups each step trained on) into `*.discarded.jsonl`, and the resumed
+  run trains on the same groups again. Over the kept lineage every group id is consumed exactly once.
 * **Ctrl-C** (or SIGTERM) stops issuing, lets the current learner step finish, writes a checkpoint and
   shuts the roles down.
 """
@@ -53,6 +57,7 @@ from cluster.data_order import DataCursor, StateStream
 from cluster.metrics import run_label
 from cluster.router import ACTOR_LOST, RolloutRouter
 from cluster.trackers import Trackers
+from cluster.workfiles import append_json_line, rewind_json_lines
 from learner.ampo import informative_groups
 from learner.checkpoint import read_checkpoint, resolve_resume
 from learner.group import LearnerGroup
@@ -61,6 +66,10 @@ from learner.queue import create_replay_queue
 from reward.modes import MODES
 
 log = logging.getLogger(__name__)
+
+METRICS_LOG = "metrics.jsonl"
+CONSUMED_LOG = "consumed.jsonl"
+"""One line per learner step: `step`, the policy `version` it trained and the `groups` (ids) it consumed."""
 
 
 class TrainingDriver:
@@ -398,6 +407,8 @@ class TrainingDriver:
         finally:
             self.learner_busy.change(-1)
         self.counts.add("consumed", len(groups))
+        append_json_line(self.run_dir / CONSUMED_LOG,
+                         {"step": self.step + 1, "version": self.version, "groups": [g.group_id for g in groups]})
         self.step += 1
         self.version += 1
         dropped = await self.queue.set_version.remote(self.version)
@@ -425,8 +436,7 @@ class TrainingDriver:
 
     def _log_step(self, record: dict[str, Any]) -> None:
         self.metrics.record_step(record)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_json_line(self.run_dir / METRICS_LOG, record)
         self.trackers.log(self.step, record)
         modes = " ".join(f"m{m}={record[f'mode_fraction/{m}']:.2f}" for m in MODES)
         log.info(
@@ -458,8 +468,7 @@ class TrainingDriver:
         results = await self.evaluate(self, self.step)
         self.metrics.record_eval(self.step, results)
         record = {"step": self.step, "version": self.version, **results}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_json_line(self.run_dir / METRICS_LOG, record)
         self.trackers.log(self.step, record)
 
     def _flush_rollouts(self) -> None:
@@ -531,7 +540,11 @@ class TrainingDriver:
         if not report.ok:
             raise RuntimeError(f"could not load the resumed weights into the rollout actors: {report.describe()}")
         self.served_version = self.version
+        discarded = sum(rewind_json_lines(self.run_dir / name, self.step) for name in (METRICS_LOG, CONSUMED_LOG))
         log.info("resumed at step %d (policy version %d) from %s", self.step, self.version, path)
+        if discarded:
+            log.warning("the previous run had gone past this checkpoint; its %d later record(s) moved to "
+                        "*.discarded.jsonl (those steps are trained again)", discarded)
         return DataCursor.from_json(state.data_cursor["cursor"])
 
 
