@@ -39,6 +39,10 @@ class JudgeConfig(ConfigSection):
     """First backoff delay; doubled on each retry."""
     backoff_max_s: float = Field(60.0, gt=0)
     """Longest backoff delay."""
+    retry_window_s: float = Field(600.0, ge=0)
+    """Transient failures go on being retried (same backoff) past `max_retries` until this long after a call's first
+    attempt, so a judge that is down or refusing for minutes (restarted, redeployed, over its rate limit) costs time,
+    not samples; meanwhile generation waits for the groups being scored. 0: `max_retries` alone decides."""
     parse_rounds: int = Field(5, ge=1)
     """Rounds of asking again when an answer cannot be parsed (authors' code: 5)."""
     greedy_rounds: int = Field(2, ge=0)

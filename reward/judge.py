@@ -13,7 +13,8 @@ authors' schedule for answers that cannot be parsed. A **logical call** is one o
   tokens-per-minute budget (``aiolimiter`` leaky buckets), and is cut off after ``timeout_s`` (both the HTTP
   client's timeout and an ``asyncio`` deadline, so a server that trickles bytes cannot hold it longer);
 * a transient failure (timeout, 429, 5xx, connection error, a 200 whose body is not a chat completion) is retried
-  up to ``max_retries`` times after ``min(backoff_max_s, max(b, retry_after))`` seconds, where
+  at least ``max_retries`` times, and for as long as ``retry_window_s`` has not passed since the call's first
+  attempt (a judge down for minutes costs time, not samples), each time after ``min(backoff_max_s, max(b, retry_after))`` seconds, where
   ``b = min(backoff_max_s, backoff_base_s * 2**k) * U(0.5, 1)`` for the k-th retry (exponential backoff with
   jitter) and ``retry_after`` is the server's ``retry-after-ms`` / ``Retry-After`` header (seconds or HTTP date);
   the slot is released while waiting (the loop is tenacity's `AsyncRetrying` with this wait);
@@ -29,8 +30,9 @@ response into pydantic models, about 1 ms of CPU per call on this machine, a thi
 caps the calls one actor can keep in flight. The body is plain JSON either way; the schema goes into it as vLLM's
 ``structured_outputs`` field (what ``extra_body`` would add) or as the standard ``response_format``.
 
-Worst case for one question:
-``parse_rounds * (max_retries + 1) * timeout_s + parse_rounds * max_retries * backoff_max_s`` plus limiter waits.
+Worst case for one question: ``parse_rounds`` logical calls, each ending at the later of ``(max_retries + 1)``
+attempts (``(max_retries + 1) * timeout_s + max_retries * backoff_max_s``) and the first attempt to start after
+``retry_window_s`` (at most ``retry_window_s + backoff_max_s + timeout_s``), plus limiter waits.
 
 Counters (``JudgeStats``), kept exactly so that tests can compare them with what a server saw:
 ``calls`` = HTTP attempts; ``questions`` = ``ask``/``chat`` invocations; ``retries`` = attempts beyond the first
@@ -61,7 +63,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import openai
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, stop_after_delay
 
 from reward.config import JudgeConfig
 from reward.prompts import AGENTS, GOAL_SCHEMA, GOAL_SCORE_RANGE
@@ -471,7 +473,8 @@ class JudgeClient:
         body = self._request_body(prompt, temperature, schema)
         tokens = math.ceil(len(prompt) / CHARS_PER_TOKEN) + self.config.max_tokens
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.config.max_retries + 1),
+            # Both must hold to give up: the retries promised, and the window for a judge that is down a while.
+            stop=stop_after_attempt(self.config.max_retries + 1) & stop_after_delay(self.config.retry_window_s),
             retry=retry_if_result(lambda outcome: outcome[1] in TRANSIENT_KINDS),
             wait=lambda state: self._backoff(state.attempt_number - 1, state.outcome.result()[3]),
             before_sleep=lambda state: self._note_retry(state.outcome.result()[1]),

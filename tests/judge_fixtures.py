@@ -75,6 +75,7 @@ def judge_config(base_url: str, **overrides: Any) -> JudgeConfig:
         # Generous enough that a loaded machine does not turn a good answer into a timeout.
         "timeout_s": 2.0,
         "max_retries": 2,
+        "retry_window_s": 0.0,  # failures the tests provoke end after max_retries
         "backoff_base_s": 0.01,
         "backoff_max_s": 0.1,
         "parse_rounds": 3,

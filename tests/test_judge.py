@@ -304,6 +304,38 @@ def test_connection_refused_fails_fast():
 
 @pytest.mark.integration
 @pytest.mark.timeout(30)
+def test_a_judge_down_for_a_while_is_waited_for_within_the_retry_window():
+    """The judge refuses connections for 1.5 s, then answers. With `max_retries=1` alone the question fails; with a
+    retry window it keeps retrying past the two attempts and gets the answer."""
+    server = FaultServer()
+    server.start()
+    url = server.base_url
+    server.stop()
+
+    async def ask(window: float):
+        async with JudgeClient(judge_config(url, max_retries=1, retry_window_s=window, backoff_base_s=0.1, backoff_max_s=0.2)) as client:
+            return await client.goal_scores("p"), client.stats()
+
+    async def down_then_up(window: float):
+        back = asyncio.get_running_loop().call_later(1.5, server.start)
+        try:
+            return await ask(window)
+        finally:
+            back.cancel()
+
+    try:
+        result, stats = asyncio.run(down_then_up(0.0))
+        assert result.failure == "connection" and result.calls == 2
+        server.stop()
+        result, stats = asyncio.run(down_then_up(10.0))
+        assert result.failure is None and result.value is not None
+        assert result.calls > 2 and stats.errors["connection"] == result.calls - 1 == stats.retries
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
 def test_concurrency_limit_holds():
     with FaultServer(FaultConfig(latency_s=0.2)) as server:
 

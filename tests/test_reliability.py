@@ -131,7 +131,7 @@ def faulty_judge_run(ray_local, tiny_model_dir: Path, tiny_config_path: Path, tm
         tiny_config_path, policy, run_dir,
         "rollout.max_response_tokens=48", "rollout.n=4", "algorithm.groups_per_step=4", "algorithm.total_steps=3",
         "algorithm.max_staleness=0", "learner.checkpoint_every=1", "learner.resume=never",
-        "reward.judge.timeout_s=4.0", "reward.judge.max_retries=0", "reward.judge.parse_rounds=1",
+        "reward.judge.timeout_s=4.0", "reward.judge.max_retries=0", "reward.judge.retry_window_s=0", "reward.judge.parse_rounds=1",
         f"reward.judge.api_key_file={key_file}",
     )
     captured: list[str] = []
@@ -283,6 +283,65 @@ def test_killed_rollout_and_reward_actors_restart_without_losing_a_group(
     expected = seeded_state_ids(config, bundled_states, len(written))
     assert all(expected[int(g[1:])] == s for g, s in group_state_ids(read_rollouts(tmp_path / "run")).items())
     print(f"\nactor kills: groups {summary['groups']}")
+
+
+@pytest.mark.slow
+def test_judge_down_for_a_while_costs_time_not_groups(
+    ray_local, tiny_model_dir: Path, tiny_config_path: Path, tmp_path: Path
+) -> None:
+    """The judge stops answering (connection refused) right after step 1 and comes back 25 s later. The pool keeps
+    retrying with backoff inside `retry_window_s`, generation waits at the in-flight cap instead of piling up groups,
+    and training goes on once the judge is back: no group lost, no sample left unscored by the outage, and every
+    failed attempt counted."""
+    import threading
+
+    policy = bc_policy(tiny_model_dir, tmp_path / "bc")
+    run_dir = tmp_path / "run"
+    config = driver_config(
+        tiny_config_path, policy, run_dir,
+        "rollout.max_response_tokens=48", "rollout.n=4", "algorithm.groups_per_step=2", "algorithm.total_steps=4",
+        "algorithm.max_staleness=1", "learner.checkpoint_every=0", "learner.resume=never",
+        "reward.judge.timeout_s=10", "reward.judge.max_retries=2", "reward.judge.retry_window_s=120",
+        "reward.judge.backoff_base_s=0.5", "reward.judge.backoff_max_s=4",
+    )
+    cap = (config.algorithm.max_staleness + 1) * config.algorithm.groups_per_step
+    outage = {"in_flight": [], "refused_during": 0}
+    pool_stats: list[Any] = []
+    with FaultServer(FaultConfig(fault_rate=0.0)) as server:
+
+        def take_the_judge_down() -> None:
+            server.stop()
+            end = time.monotonic() + 25.0
+            while time.monotonic() < end:
+                outage["in_flight"].append(len(driver._tasks))
+                time.sleep(0.5)
+            server.start()
+
+        def on_step(record: dict[str, Any]) -> None:
+            pool_stats.append(driver.reward_pool.stats())
+            if record["step"] == 1:
+                threading.Thread(target=take_the_judge_down, daemon=True).start()
+
+        started = time.monotonic()
+        driver = TrainingDriver(config, short_prompt_states(12), policy, judge_url=server.base_url, judge_model="judge",
+                                on_step=on_step)
+        summary = driver.run()
+        seconds = time.monotonic() - started
+        judged_calls = server.counts()["ok"]
+    assert summary["steps"] == 4 and not summary["interrupted"]
+    assert_accounted(summary)
+    assert summary["groups"]["consumed"] == 4 * 2 and summary["groups"]["issued"] <= 4 * 2 + summary["groups"]["refused"] + summary["groups"]["dropped"]
+    assert outage["in_flight"] and max(outage["in_flight"]) <= cap, outage["in_flight"]  # generation waited
+    rows = read_rollouts(run_dir).to_pylist()
+    unscored = Counter(row["failure"] for row in rows if row["reward"] is None)
+    assert not unscored, f"samples left unscored by the outage: {unscored}"
+    judged = [row for row in rows if row["format_valid"]]
+    assert judged, "no sample reached the judge: the test would hold whatever the outage did"
+    pool = pool_stats[-1]
+    assert pool.judge.errors["connection"] > 0 and pool.judge.retries >= pool.judge.errors["connection"], pool.judge
+    print(f"\njudge down 25 s: run {seconds:.0f} s; {len(rows)} samples, {len(judged)} judged, none unscored; "
+          f"{pool.judge.errors['connection']} refused attempts retried, {judged_calls} answered; "
+          f"in flight during the outage at most {max(outage['in_flight'])} groups (cap {cap}); groups {summary['groups']}")
 
 
 # ---------------------------------------------------------------------------------------------------- (c)
