@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as exc:
         print(f"ampo: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("ampo: interrupted; what was finished is kept, and the same command continues from it", file=sys.stderr)
-        return 128 + _interrupted_by
+        return 128 + getattr(exc, "signum", _interrupted_by)  # a stage that caught the signal itself names it
     return 0
 
 
@@ -132,7 +132,7 @@ def _train(args: argparse.Namespace) -> int:
     from cluster.evaluation import driver_evaluation
     from cluster.preflight import preflight
     from cluster.ray_cluster import connect
-    from cluster.stages import existing, states_path
+    from cluster.stages import Interrupted, existing, states_path
 
     config = load_config(args.config, args.overrides)
     states_file = existing(states_path(config), "RL states", "build-states", "data.train_states")
@@ -152,21 +152,27 @@ def _train(args: argparse.Namespace) -> int:
         driver = TrainingDriver(config, states, policy, judge_url=base_url, judge_model=model, evaluate=evaluation)
         summary = driver.run()
     print(json.dumps(summary, indent=2))
-    return 130 if summary["interrupted"] else 0
+    if summary["interrupted"]:
+        raise Interrupted(summary["stopped_by_signal"] or signal.SIGINT)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     """`ampo run`: local single-node mode, the paper's whole flow at small sizes (see cluster/local.py)."""
     import json
 
-    from cluster.local import run_local
+    from cluster.local import progress, run_local
     from cluster.preflight import preflight
 
     config = load_config(args.config, args.overrides)
     preflight(config)
-    summary = run_local(config)
+    try:
+        summary = run_local(config)
+    except KeyboardInterrupt:
+        print("ampo: where the run stands:\n" + "\n".join(f"  {line}" for line in progress(config)), file=sys.stderr)
+        raise
     print(json.dumps(summary, indent=2, default=str))
-    return 130 if summary.get("training", {}).get("interrupted") else 0
+    return 0
 
 
 if __name__ == "__main__":

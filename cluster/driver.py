@@ -107,6 +107,8 @@ class TrainingDriver:
         self.served_version = 0
         """Newest policy version acknowledged by every rollout actor (drives the capacity rule)."""
         self._stop = asyncio.Event()
+        self.stopped_by: int | None = None
+        """The signal (SIGINT, SIGTERM) that asked the run to stop, if one did."""
         self._failure: BaseException | None = None
         """A group that could not be produced stops the run; its error is raised once the run has wound down."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -200,9 +202,15 @@ class TrainingDriver:
         self._resume_from = self._checked_resume()
         (self.run_dir / "config.yaml").write_text(dump_config(self.config))
         self.start_roles()
+        # The event loop takes SIGINT and SIGTERM while it runs and resets them to Python's defaults when it closes;
+        # whatever the caller had installed (the command's interruption handler) is put back afterwards.
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             return asyncio.run(self._run())
         finally:
+            for sig, handler in handlers.items():
+                with contextlib.suppress(ValueError, TypeError):  # not the main thread, or a handler set from C
+                    signal.signal(sig, handler)
             self.shutdown_roles()
             self.trackers.close()
 
@@ -229,7 +237,7 @@ class TrainingDriver:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
+                loop.add_signal_handler(sig, self.request_stop, sig)
         cursor = self._restore()
         self.stream = StateStream(self.states, cursor, self.config.data.shuffle)
         started = time.monotonic()
@@ -263,13 +271,15 @@ class TrainingDriver:
             "states": {"used": len(self.states), "dropped_too_long": self.states_dropped},
             "queue": await self.queue.stats.remote(),
             "interrupted": self._stop.is_set(),
+            "stopped_by_signal": self.stopped_by,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def request_stop(self) -> None:
+    def request_stop(self, signum: int | None = None) -> None:
         if not self._stop.is_set():
             log.warning("stop requested: finishing the current step, then writing a checkpoint")
+            self.stopped_by = signum
             self._stop.set()
 
     # ----------------------------------------------------------------------------------------------- producing

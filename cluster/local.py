@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from cluster.endpoints import open_endpoint
 from cluster.episodes import select_episodes
 from cluster.evaluation import evaluate
 from cluster.report import compare_first_last, report
+from cluster.workfiles import read_json_lines
+from learner.checkpoint import latest_checkpoint, read_checkpoint
 from cluster.states import build_states
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,8 @@ def run_local(config: Config) -> dict[str, Any]:
 
         log.info("[4/6] AMPO: %d learner steps on %d states", config.algorithm.total_steps, len(states))
         training = _train(config, states, bc_model, judge.base_url, judge.model)
+        if training["interrupted"]:  # the driver stopped at a checkpoint; the flow stops with it
+            raise stages.Interrupted(training["stopped_by_signal"] or signal.SIGINT)
         summary["training"] = training
         learning = compare_first_last(run_dir / "rollouts")
         if learning is not None:
@@ -106,6 +111,39 @@ def run_local(config: Config) -> dict[str, Any]:
     summary["wall_s"] = round(time.monotonic() - started, 1)
     (run_dir / "local_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def progress(config: Config) -> list[str]:
+    """One line per stage of `run_local`: what its output in the run directory holds now (printed when the flow is
+    interrupted, so the user knows what the same command will skip)."""
+    bc_model, final = stages.bc_model_path(config), Path(config.cluster.run_dir) / stages.FINAL_MODEL
+    checkpoint = latest_checkpoint(Path(config.cluster.run_dir))
+    step = read_checkpoint(checkpoint).step if checkpoint is not None else None
+    trained = step is not None and step >= config.algorithm.total_steps  # an interrupted run exports its model too
+    if trained:
+        training = f"complete ({final})"
+    elif step is not None:
+        training = f"checkpoint of step {step} of {config.algorithm.total_steps} kept; resumes from it"
+    else:
+        training = "not started"
+    evaluation = "not started"
+    if trained:
+        mode = "self_play" if config.eval.partner is None else "vs_partner"
+        path = stages.eval_path(config, final, mode, "hard" if config.eval.hard_only else "all")
+        if path.is_file():
+            evaluation = f"{len(read_json_lines(path))} episode(s) judged and kept ({path})"
+
+    def made(path: Path, marker: Path) -> str:
+        return f"complete ({path})" if marker.is_file() else "not complete"
+
+    demos, states = stages.demos_path(config), stages.states_path(config)
+    return [
+        f"demonstrations: {made(demos, demos)}",
+        f"behaviour cloning: {made(bc_model, bc_model / 'config.json')}",
+        f"RL states: {made(states, states)}",
+        f"AMPO training: {training}",
+        f"evaluation: {evaluation}",
+    ]
 
 
 def _train(config: Config, states: list, policy: Path, judge_url: str, judge_model: str) -> dict[str, Any]:

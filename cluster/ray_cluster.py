@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import RolloutConfig
 from cluster.config import Config
+from cluster.stages import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,25 @@ def connect(config: Config) -> dict[str, Any]:
     """Start or join Ray as `cluster.address` says; returns what `ray.init` reported."""
     if ray.is_initialized():
         return {}
+    # ray.init replaces the SIGTERM handler with a bare sys.exit; the command's own (an interruption that stops the
+    # servers it started and says what is kept) must stay in force.
+    on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _init(config)
+    except SystemExit as exc:  # SIGTERM while ray.init ran, under Ray's handler: stop what it started, as on Ctrl-C
+        if exc.code != signal.SIGTERM:
+            raise
+        ray.shutdown()
+        raise Interrupted(signal.SIGTERM) from None
+    except KeyboardInterrupt:
+        ray.shutdown()
+        raise
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _init(config: Config) -> dict[str, Any]:
     env = dict(WORKER_ENV)
     env["VLLM_CPU_OMP_THREADS_BIND"] = config.rollout.cpu_omp_threads_bind
     runtime_env = {"env_vars": env}

@@ -70,3 +70,12 @@ def existing(path: Path, what: str, made_by: str, field: str) -> Path:
     if not path.exists():
         raise ConfigError(f"{field}: no {what} at {path}; `ampo {made_by}` writes it there, or set {field} to another file")
     return path
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stage that handled Ctrl-C or SIGTERM itself (the training driver finishes its step and writes a
+    checkpoint) and stopped cleanly; ``signum`` is the signal, so the command exits with ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

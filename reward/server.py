@@ -167,7 +167,7 @@ class JudgeServer:
         try:
             self._wait_healthy()
         except BaseException:
-            self.stop(keep_log=True)
+            self.stop(keep_log=True, graceful=False)  # it never served: nothing to finish, and vLLM ignores SIGTERM while it starts
             raise
         return self
 
@@ -199,17 +199,18 @@ class JudgeServer:
     def _tail(self) -> str:
         return f"--- last lines of {self.log_path} ---\n{self.log_tail()}"
 
-    def stop(self, keep_log: bool = False) -> None:
-        """Stop the whole process group: SIGTERM, then SIGKILL after ``stop_timeout_s``, and wait (at most
-        ``REAP_TIMEOUT_S``) until no member is left. Idempotent. A log file this object created is removed unless
-        ``keep_log``."""
+    def stop(self, keep_log: bool = False, *, graceful: bool = True) -> None:
+        """Stop the whole process group: SIGTERM (when ``graceful``), then SIGKILL after ``stop_timeout_s``, and wait
+        (at most ``REAP_TIMEOUT_S``) until no member is left. Idempotent. A log file this object created is removed
+        unless ``keep_log``."""
         process = self._process
         if process is not None:
-            self._signal_group(process.pid, signal.SIGTERM)
-            try:
-                process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("judge server %d ignored SIGTERM for %.0f s; killing it", process.pid, self.stop_timeout_s)
+            if graceful:
+                self._signal_group(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("judge server %d ignored SIGTERM for %.0f s; killing it", process.pid, self.stop_timeout_s)
             # The engine core lives in the same group and may outlive the API server: kill whatever is left,
             # then wait until the group is empty (killed members linger until they are reaped).
             self._signal_group(process.pid, signal.SIGKILL)
