@@ -13,6 +13,7 @@ Run from the repo root without installing as `python -m cluster.cli ...` (what `
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
@@ -22,6 +23,9 @@ from typing import Any
 from cluster.commands import register_pipeline_commands
 from cluster.config import ConfigError, config_template, dump_config, load_config
 from cluster.sources import SourceError
+
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+"""Errors of a full or read-only disk: reported in one line (the error names the path), not as a traceback."""
 
 log = logging.getLogger("ampo")
 
@@ -93,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as exc:
         print(f"ampo: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        print(f"ampo: {exc}", file=sys.stderr)  # a full or read-only disk: the path and what is kept, no traceback
+        return 1
     except KeyboardInterrupt as exc:
         print("ampo: interrupted; what was finished is kept, and the same command continues from it", file=sys.stderr)
         return 128 + getattr(exc, "signum", _interrupted_by)  # a stage that caught the signal itself names it

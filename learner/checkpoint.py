@@ -24,6 +24,7 @@ Everything else is JSON, Arrow or safetensors.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -54,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 __all__ = [
     "CheckpointState",
+    "CheckpointWriteError",
     "SafeFileSystemReader",
     "begin_checkpoint",
     "finish_checkpoint",
@@ -64,6 +66,7 @@ __all__ = [
     "resolve_resume",
     "save_rank_state",
     "write_hf_folder",
+    "writing_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,28 @@ def resolve_resume(resume: str | Path, run_dir: Path) -> Path | None:
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
     return path
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full or read-only disk); the previous one is untouched."""
+
+
+@contextlib.contextmanager
+def writing_checkpoint(run_dir: Path, step: int) -> Iterator[Path]:
+    """``begin_checkpoint`` for a ``with`` block that writes the checkpoint (the ranks' states, then
+    ``finish_checkpoint``). A failed write (``OSError``, also a rank's, which Ray raises as one) becomes a
+    :class:`CheckpointWriteError` that names the folder, the reason and the checkpoint a resume would take."""
+    root = checkpoint_root(run_dir)
+    try:
+        yield begin_checkpoint(run_dir, step)
+    except OSError as exc:
+        kept = latest_checkpoint(run_dir)
+        reason = exc.strerror or str(exc)
+        raise CheckpointWriteError(
+            exc.errno, f"cannot write the checkpoint of step {step} into {root}: {reason}. Nothing already written "
+            f"was changed; the newest complete checkpoint is {kept or 'none yet'}, and the same command resumes from it "
+            "once the run directory has room"
+        ) from exc
 
 
 def begin_checkpoint(run_dir: Path, step: int) -> Path:

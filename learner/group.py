@@ -38,7 +38,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.config import RolloutConfig
 from actors.records import ScoredGroup
 from learner.ampo import MODES, ampo_advantages, grpo_advantages, mode_term_groups
-from learner.checkpoint import CheckpointState, begin_checkpoint, finish_checkpoint, read_checkpoint
+from learner.checkpoint import CheckpointState, finish_checkpoint, read_checkpoint, writing_checkpoint
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.publish import PushReport, WeightPublisher
 from learner.batches import BCExample, TrainSample, micro_batch_count
@@ -319,18 +319,18 @@ class LearnerGroup:
         being put, so every prompt is either before the cursor and in the queue/consumed, or after it.
         """
         json.dumps(data_cursor)  # fail before writing anything if the cursor is not JSON
-        tmp = begin_checkpoint(Path(run_dir), step)
-        ray.get([w.save_state.remote(str(tmp)) for w in self.workers], timeout=self.setup_timeout_s)
-        return finish_checkpoint(
-            tmp,
-            step=step,
-            version=version,
-            world_size=self.world_size,
-            data_cursor=data_cursor,
-            queue_snapshot=queue_snapshot,
-            config_yaml=config_yaml,
-            keep=self.learner.keep_checkpoints,
-        )
+        with writing_checkpoint(Path(run_dir), step) as tmp:
+            ray.get([w.save_state.remote(str(tmp)) for w in self.workers], timeout=self.setup_timeout_s)
+            return finish_checkpoint(
+                tmp,
+                step=step,
+                version=version,
+                world_size=self.world_size,
+                data_cursor=data_cursor,
+                queue_snapshot=queue_snapshot,
+                config_yaml=config_yaml,
+                keep=self.learner.keep_checkpoints,
+            )
 
     def resume(self, path: str | Path) -> CheckpointState:
         """Load a checkpoint into the ranks; returns the driver's part (step, version, cursor, queue, config)."""

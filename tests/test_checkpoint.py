@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
 import random
 from pathlib import Path
@@ -23,6 +24,7 @@ from learner.checkpoint import (
     read_checkpoint,
     resolve_resume,
     write_hf_folder,
+    writing_checkpoint,
 )
 from learner.config import AlgorithmConfig, LearnerConfig
 
@@ -47,6 +49,26 @@ def test_interrupted_save_leaves_previous_checkpoint_latest(tmp_path: Path) -> N
     assert resolve_resume(first, tmp_path) == first
     with pytest.raises(FileNotFoundError):
         resolve_resume(tmp_path / "nope", tmp_path)
+
+
+def test_a_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import learner.checkpoint as checkpoint
+
+    first = _save(tmp_path, 1)
+    before = {p.name: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_bytes", full)
+    with pytest.raises(checkpoint.CheckpointWriteError) as caught:
+        with writing_checkpoint(tmp_path, 2) as tmp:
+            finish_checkpoint(tmp, step=2, version=2, world_size=1, data_cursor={"next": 2})
+    message = str(caught.value)
+    assert f"cannot write the checkpoint of step 2 into {tmp_path / 'checkpoints'}: No space left on device" in message
+    assert f"the newest complete checkpoint is {first}" in message and caught.value.errno == errno.ENOSPC
+    assert latest_checkpoint(tmp_path) == first and read_checkpoint(first).step == 1
+    assert {p.name: p.read_bytes() for p in first.rglob("*") if p.is_file()} == before  # nothing written was touched
 
 
 def test_keeps_only_the_newest(tmp_path: Path) -> None:

@@ -127,3 +127,23 @@ def test_a_read_only_or_full_run_directory_stops_the_command_naming_it(tmp_path,
     assert f"cluster.run_dir: FAILED: {run_dir} has 5 MiB free; a run needs at least 256 MiB" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_disk_that_fills_during_a_command_gives_one_line_not_a_traceback(tmp_path, capsys, monkeypatch) -> None:
+    """Past the preflight, a full disk (a checkpoint, a results file) ends the command with the error's own words,
+    which name the path; other OS errors keep their traceback."""
+    import errno
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(cli, "_doctor", full)
+    assert cli.main(["doctor", "--config", str(TINY)]) == 1
+    assert capsys.readouterr().err.strip() == f"ampo: [Errno 28] No space left on device: '{tmp_path / 'run' / 'metrics.jsonl'}'"
+
+    def other(args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cli, "_doctor", other)
+    with pytest.raises(OSError):
+        cli.main(["doctor", "--config", str(TINY)])
