@@ -23,7 +23,7 @@ def run_bc_command(
     import ray
 
     from cluster.sources import resolve_data, resolve_model
-    from cluster.ray_cluster import MACHINE_CORES, bc_rank_options, connect, learner_core_sets
+    from cluster.ray_cluster import MACHINE_CORES, bc_rank_options, connect, learner_core_sets, shutdown_local
     from learner.bc import run_bc
 
     source = data if data is not None else existing(demos_path(config), "demonstrations", "make-demos", "data.bc_data")
@@ -41,4 +41,4 @@ def run_bc_command(
         )
     finally:
         if started_ray:
-            ray.shutdown()
+            shutdown_local()

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     # and Ray would be left running. As an interruption they are stopped like on Ctrl-C; the training driver
     # installs its own handler while it runs, to finish the step and write a checkpoint first.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # A command started in the background of a script inherits SIGINT ignored (POSIX job control); `kill -INT` from
+    # a scheduler or a user must still stop it as Ctrl-C does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "config":
             config = load_config(args.config, args.overrides)

@@ -150,7 +150,7 @@ def _train(config: Config, states: list, policy: Path, judge_url: str, judge_mod
     import ray
 
     from cluster.driver import TrainingDriver
-    from cluster.ray_cluster import connect
+    from cluster.ray_cluster import connect, shutdown_local
 
     config = config.model_copy(deep=True)
     config.rollout.model = str(policy)
@@ -160,4 +160,4 @@ def _train(config: Config, states: list, policy: Path, judge_url: str, judge_mod
         return TrainingDriver(config, states, policy, judge_url=judge_url, judge_model=judge_model).run()
     finally:
         if started_here:
-            ray.shutdown()
+            shutdown_local()

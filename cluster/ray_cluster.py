@@ -12,6 +12,7 @@ one role is reserved at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -56,14 +57,40 @@ def connect(config: Config) -> dict[str, Any]:
     except SystemExit as exc:  # SIGTERM while ray.init ran, under Ray's handler: stop what it started, as on Ctrl-C
         if exc.code != signal.SIGTERM:
             raise
-        ray.shutdown()
+        shutdown_local()
         raise Interrupted(signal.SIGTERM) from None
     except KeyboardInterrupt:
-        ray.shutdown()
+        shutdown_local()
         raise
     finally:
         if on_sigterm is not None:
             signal.signal(signal.SIGTERM, on_sigterm)
+
+
+RAY_PROCESS_MARKERS = ("ray::", "/ray/", "raylet", "gcs_server")
+"""Command-line fragments of the processes a local Ray instance starts (GCS, raylet, agents, workers)."""
+
+
+def shutdown_local(grace_s: float = 3.0) -> None:
+    """`ray.shutdown()` of the instance this process started, then stop what it leaves behind: Ray's dashboard and
+    runtime-env agents notice their raylet's end at once but first try to report it to the GCS, which is already
+    gone, and can linger for a minute. Only this process's descendants that are Ray's own are touched (a local vLLM
+    server or engine the command also started is not)."""
+    import psutil
+
+    def is_ray(process: psutil.Process) -> bool:
+        try:
+            return any(marker in " ".join(process.cmdline()) for marker in RAY_PROCESS_MARKERS)
+        except psutil.Error:
+            return False
+
+    family = [p for p in psutil.Process().children(recursive=True) if is_ray(p)]
+    ray.shutdown()
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 def _init(config: Config) -> dict[str, Any]:
