@@ -87,7 +87,7 @@ STAGES = (
     ("demonstrations", "[1/6] demonstrations"),
     ("behaviour cloning", "[2/6] behaviour cloning"),
     ("RL states", "[3/6] RL states"),
-    ("AMPO training", "step 1/3"),  # a learner step done: the driver's own stop (finish the step, checkpoint)
+    ("AMPO training", "step 1/8"),  # a learner step done: the driver's own stop (finish the step, checkpoint)
     ("evaluation", "[5/6] evaluation"),
 )
 
@@ -158,6 +158,7 @@ def test_run_stops_in_every_stage_leaves_nothing_and_the_same_command_continues(
         command = [
             sys.executable, "-m", "cluster.cli", "run", "--config", "configs/tiny.yaml", f"rollout.model={model}",
             f"cluster.run_dir={run_dir}", "data.demo_states=8", "data.build_episodes=3", "eval.max_turns=2",
+            "algorithm.total_steps=8",  # steps of a few seconds: the stop lands well before the last
             f"reward.judge.base_url={judge.base_url}", "reward.judge.model=fault-judge",
             f"eval.judge.base_url={judge.base_url}", "eval.judge.model=fault-judge",
         ]
@@ -175,7 +176,7 @@ def test_run_stops_in_every_stage_leaves_nothing_and_the_same_command_continues(
         finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
     summary = json.loads((run_dir / "local_summary.json").read_text())
-    assert summary["training"]["steps"] == 3 and summary["evaluation"]
+    assert summary["training"]["steps"] == 8 and summary["evaluation"]
     assert processes_mentioning(str(tmp_path)) == []
 
 
