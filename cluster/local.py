@@ -28,9 +28,9 @@ from cluster.endpoints import open_endpoint
 from cluster.episodes import select_episodes
 from cluster.evaluation import evaluate
 from cluster.report import compare_first_last, report
+from cluster.states import build_states
 from cluster.workfiles import read_json_lines
 from learner.checkpoint import latest_checkpoint, read_checkpoint
-from cluster.states import build_states
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,7 @@ def run_local(config: Config) -> dict[str, Any]:
         stage("AMPO training")
 
         log.info("[5/6] evaluation: Sotopia episodes of the trained policy judged on 7 dimensions")
-        eval_file = stages.eval_path(
-            config, training["final_model"], "self_play" if config.eval.partner is None else "vs_partner",
-            "hard" if config.eval.hard_only else "all",
-        )
+        eval_file = _eval_file(config, training["final_model"])
         eval_report = evaluate(
             config, judge=judge, out_path=eval_file, policy_path=training["final_model"],
             hard_only=config.eval.hard_only, max_episodes=config.eval.max_episodes,
@@ -128,8 +125,7 @@ def progress(config: Config) -> list[str]:
         training = "not started"
     evaluation = "not started"
     if trained:
-        mode = "self_play" if config.eval.partner is None else "vs_partner"
-        path = stages.eval_path(config, final, mode, "hard" if config.eval.hard_only else "all")
+        path = _eval_file(config, final)
         if path.is_file():
             evaluation = f"{len(read_json_lines(path))} episode(s) judged and kept ({path})"
 
@@ -144,6 +140,12 @@ def progress(config: Config) -> list[str]:
         f"AMPO training: {training}",
         f"evaluation: {evaluation}",
     ]
+
+
+def _eval_file(config: Config, policy: str | Path) -> Path:
+    """The results file of the flow's evaluation of `policy` (self-play or against the partner, all or hard)."""
+    mode = "self_play" if config.eval.partner is None else "vs_partner"
+    return stages.eval_path(config, policy, mode, "hard" if config.eval.hard_only else "all")
 
 
 def _train(config: Config, states: list, policy: Path, judge_url: str, judge_model: str) -> dict[str, Any]:

@@ -142,9 +142,10 @@ def writing_checkpoint(run_dir: Path, step: int) -> Iterator[Path]:
         kept = latest_checkpoint(run_dir)
         reason = exc.strerror or str(exc)
         raise CheckpointWriteError(
-            exc.errno, f"cannot write the checkpoint of step {step} into {root}: {reason}. Nothing already written "
-            f"was changed; the newest complete checkpoint is {kept or 'none yet'}, and the same command resumes from it "
-            "once the run directory has room"
+            exc.errno,
+            f"cannot write the checkpoint of step {step} into {root}: {reason}. Nothing already written was changed; "
+            f"the newest complete checkpoint is {kept or 'none yet'}, and the same command resumes from it once the "
+            "run directory has room",
         ) from exc
 
 

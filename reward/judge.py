@@ -14,7 +14,8 @@ authors' schedule for answers that cannot be parsed. A **logical call** is one o
   client's timeout and an ``asyncio`` deadline, so a server that trickles bytes cannot hold it longer);
 * a transient failure (timeout, 429, 5xx, connection error, a 200 whose body is not a chat completion) is retried
   at least ``max_retries`` times, and for as long as ``retry_window_s`` has not passed since the call's first
-  attempt (a judge down for minutes costs time, not samples), each time after ``min(backoff_max_s, max(b, retry_after))`` seconds, where
+  attempt (a judge down for minutes costs time, not samples), each time after
+  ``min(backoff_max_s, max(b, retry_after))`` seconds, where
   ``b = min(backoff_max_s, backoff_base_s * 2**k) * U(0.5, 1)`` for the k-th retry (exponential backoff with
   jitter) and ``retry_after`` is the server's ``retry-after-ms`` / ``Retry-After`` header (seconds or HTTP date);
   the slot is released while waiting (the loop is tenacity's `AsyncRetrying` with this wait);

@@ -167,7 +167,8 @@ class JudgeServer:
         try:
             self._wait_healthy()
         except BaseException:
-            self.stop(keep_log=True, graceful=False)  # it never served: nothing to finish, and vLLM ignores SIGTERM while it starts
+            # It never served, so nothing to finish; and vLLM ignores SIGTERM while it starts.
+            self.stop(keep_log=True, graceful=False)
             raise
         return self
 
