@@ -81,6 +81,17 @@ BENCHES: dict[str, Bench] = {
     "inflight_update": Bench(
         {"inflight_update_speedup": Goal(1.0, at_least=True)}, timeout_s=1200, quick_args=("--quick",)
     ),
+    # Reliability, not speed: nothing lost or trained twice under random faults. Its memory bound is judged by the
+    # script itself (exit status 1), on windows of 10 minutes or more only, so a --quick run prints no growth row.
+    "chaos": Bench(
+        {
+            "chaos_groups_lost": Goal(0, at_least=False),
+            "chaos_groups_trained_twice": Goal(0, at_least=False),
+            "chaos_unrecovered_faults": Goal(0, at_least=False),
+        },
+        timeout_s=2400,
+        quick_args=("--quick",),
+    ),
 }
 
 

@@ -51,7 +51,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from actors.records import GroupRequest, SamplingSpec, ScoredGroup, scored_groups_to_table
 from actors.states import RLState, chat_token_counter, fit_states
-from cluster.accounting import Counts, DriverMetrics, Occupancy, batch_statistics
+from cluster.accounting import Counts, DriverMetrics, Occupancy, batch_statistics, saved_accounting
 from cluster.config import Config, ConfigError, dump_config, experiment_differences
 from cluster.data_order import DataCursor, StateStream
 from cluster.metrics import run_label
@@ -114,7 +114,8 @@ class TrainingDriver:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._producing = False
         """True while the training loop runs: only then may groups be issued (a push can land after it ended)."""
-        self._pending: dict[str, int] = {}
+        self._pending: dict[str, list[Any]] = {}
+        """Group id → [state index, last stage counted] for each group whose task has not finished."""
         self._rollout_buffer: list[ScoredGroup] = []
         self.states_dropped = 0
         """States left out because their templated prompt is longer than `rollout.max_prompt_tokens`."""
@@ -495,15 +496,9 @@ class TrainingDriver:
 
     def _checkpoint(self, final: bool = False) -> None:
         cursor = self.stream.cursor
-        ordered = sorted(self._pending.items(), key=lambda kv: int(kv[0][1:]))
-        cursor.pending = [[int(gid[1:]), state] for gid, (state, _) in ordered]
-        # Groups still in flight are issued again on resume, so the saved counts leave them out.
-        counts = self.counts.as_dict()
-        for _, (_, stage) in ordered:
-            counts["issued"] -= 1
-            counts["generated"] -= stage in ("generated", "scored")
-            counts["scored"] -= stage == "scored"
         snapshot = ray.get(self.queue.snapshot.remote())
+        # Taken after the snapshot: a put the queue accepted before it whose task has not resumed yet is not in flight.
+        cursor.pending, counts = saved_accounting(self.counts.as_dict(), self._pending, snapshot.accepted_ids())
         path = self.learner.checkpoint(
             self.run_dir,
             step=self.step,

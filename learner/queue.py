@@ -67,6 +67,14 @@ class QueueSnapshot:
     arrow: bytes
     meta: str
 
+    def waiting_ids(self) -> list[str]:
+        """Ids of the groups waiting in the queue when the snapshot was taken, oldest first."""
+        return list(json.loads(self.meta)["order"])
+
+    def accepted_ids(self) -> set[str]:
+        """Ids of every group the queue accepted before the snapshot: waiting in it or already consumed."""
+        return set(json.loads(self.meta)["seen"])
+
 
 class ReplayQueue:
     """Bounded FIFO of complete scored groups (see the module docstring).

@@ -63,6 +63,9 @@ class RewardConfig(ConfigSection):
     """Goal-progress judge (paper: Qwen2.5-72B-Instruct, temperature 0)."""
     num_actors: int = Field(2, ge=1)
     """Reward actors in the pool."""
+    max_restarts: int = Field(-1, ge=-1)
+    """Ray restarts of a dead reward actor (-1: unlimited). A reward actor holds no state of its own (the group it
+    was scoring is sent again), so the default never gives up on one; each re-sent group is counted."""
     length_target: float = Field(250.0, gt=0)
     """Answer length (policy tokens) where the length score is 0.5 (paper: 250)."""
     length_scale: float = Field(75.0, gt=0)

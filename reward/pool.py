@@ -429,7 +429,6 @@ class RewardPool:
         model: str | None = None,
         num_cpus: float = 0.5,
         max_concurrency: int = 1000,
-        max_restarts: int = 2,
         prompts: PromptSet = DEFAULT_PROMPTS,
     ) -> None:
         if config.custom_reward is None and "local" in (base_url or config.judge.base_url, model or config.judge.model):
@@ -438,7 +437,7 @@ class RewardPool:
                 "reward.server.JudgeServer to RewardPool"
             )
         self.config = config
-        options = {"num_cpus": num_cpus, "max_concurrency": max_concurrency, "max_restarts": max_restarts}
+        options = {"num_cpus": num_cpus, "max_concurrency": max_concurrency, "max_restarts": config.max_restarts}
         self._actors = [
             RewardActor.options(**options).remote(config, str(tokenizer_path), base_url, model, prompts)
             for _ in range(config.num_actors)
