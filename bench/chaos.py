@@ -142,12 +142,6 @@ class Schedule:
         return self._rng.choice(sorted(processes, key=lambda p: p.pid))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Judge:
     """The judge server as a process of its own on a fixed port, so it can be killed and started again."""
 
@@ -377,6 +371,7 @@ def main() -> int:
     from cluster.workfiles import read_json_lines
     from learner.checkpoint import latest_checkpoint, read_checkpoint
     from learner.queue import QueueSnapshot
+    from reward.server import free_port
 
     work = args.out or Path(tempfile.mkdtemp(prefix="ampo-bench-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -388,7 +383,7 @@ def main() -> int:
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TOKENIZERS_PARALLELISM")}})
-    judge = Judge(free_port(), work / "judge.log")
+    judge = Judge(free_port(), work / "judge.log")  # a fixed port: the judge comes back where the pool looks
     command = [
         sys.executable, "-m", "cluster.cli", "train", "--config", str(REPO_ROOT / "configs" / "tiny.yaml"),
         f"rollout.model={model_dir}", f"cluster.run_dir={run_dir}", f"data.train_states={states_file}",
