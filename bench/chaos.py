@@ -42,8 +42,8 @@ again, groups waiting in the queue) and ``consumed.jsonl`` (the records of steps
 * no process of the run's actors (nor a vLLM engine of theirs) is left once the last driver has exited.
 
 **Soak.** Every ``--sample-every`` seconds the script records the resident memory (RSS) of each role's processes:
-driver, rollout, reward, learner ranks, replay queue, judge server, and Ray's own GCS and raylet (these live through
-every restart). A process is counted from 30 s after its start (loading a model is not growth), and each role's figure
+driver (with the replay queue), rollout, reward, learner ranks, judge server, and Ray's own GCS and raylet (these
+live through every restart). A process is counted from 30 s after its start (loading a model is not growth), and each role's figure
 at a sample is its largest process. **Bound**, set before the 30-minute run: for every role the median RSS over the
 last third of the run is at most 1.25 × the median over the first third, and the learner's median step time over the
 last third is at most 1.5 × the first third's. The bound is judged for runs of at least 10 minutes (the thirds of a
@@ -80,12 +80,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.pipeline import SHORT_SYSTEM_PROMPT, cloned_policy  # noqa: E402
+from cluster.config import ClusterConfig  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAULT_KINDS = ("rollout", "reward", "learner", "judge", "driver")
-ACTOR_ROLES = {"RolloutActor": "rollout", "RewardActor": "reward", "LearnerWorker": "learner", "ReplayQueue": "queue"}
+ACTOR_ROLES = {"RolloutActor": "rollout", "RewardActor": "reward", "LearnerWorker": "learner"}
 """Ray names an actor's worker process ``ray::<Class>`` (``ray::<Class>.<method>`` while it runs a call)."""
-ROLES = ("driver", "rollout", "reward", "learner", "queue", "judge", "ray")
+ROLES = ("driver", "rollout", "reward", "learner", "judge", "ray")
 SETTLE_S = 30.0
 MEMORY_BOUND = 1.25
 STEP_TIME_BOUND = 1.5
@@ -359,6 +360,8 @@ def main() -> int:
     parser.add_argument("--faults", type=int, help="end the window after this many faults (default: none)")
     parser.add_argument("--quick", action="store_true",
                         help="CI size: one fault of each kind, short gaps and judge downtimes, no final submission")
+    parser.add_argument("--ray-task-history", type=int, default=ClusterConfig.model_fields["ray_task_history"].default,
+                        help="task attempts the GCS keeps (as cluster.ray_task_history sets for local runs)")
     parser.add_argument("--out", type=Path, help="keep the run's files here (default: a temporary folder)")
     args = parser.parse_args()
     if args.quick:
@@ -382,6 +385,7 @@ def main() -> int:
     print(f"policy: tiny Llama cloned in {bc['bc_steps']} steps ({bc['bc_seconds']:.0f} s)", flush=True)
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False,
+             _system_config={"task_events_max_num_task_in_gcs": args.ray_task_history},
              runtime_env={"env_vars": {k: os.environ[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TOKENIZERS_PARALLELISM")}})
     judge = Judge(free_port(), work / "judge.log")  # a fixed port: the judge comes back where the pool looks
     command = [

@@ -51,21 +51,17 @@ class Counts:
         return {name: value for name, value in self.__dict__.items() if name != "series"}
 
 
-def saved_accounting(
-    counts: dict[str, int], pending: dict[str, tuple[int, str]], accepted: set[str]
-) -> tuple[list[list[int]], dict[str, int]]:
+def saved_accounting(counts: dict[str, int], pending: dict[str, tuple[int, str]]) -> tuple[list[list[int]], dict[str, int]]:
     """What a checkpoint records of the groups in flight: ``([[group index, state index], ...], counts)``.
 
     ``pending`` maps each group id whose task has not finished to ``(state index, stage)``, the stage being the last
-    one counted (``issued``, ``generated`` or ``scored``); ``accepted`` holds the ids the replay queue had accepted
-    when its snapshot was taken. A resume issues the pending groups again under their ids, so the saved counts
-    leave them out: ``issued −= 1`` each, ``generated −= 1`` past generation, ``scored −= 1`` once scored. A group
-    the queue accepted before its task resumed is no longer in flight (it waits in the snapshot, or this very step
-    consumed it): it stays out of the list and is counted ``queued += 1``, which its task had not done yet.
+    one counted (``issued``, ``generated`` or ``scored``). A resume issues the pending groups again under their ids,
+    so the saved counts leave them out: ``issued −= 1`` each, ``generated −= 1`` past generation, ``scored −= 1``
+    once scored. The caller reads ``pending`` in the same turn of the event loop as the replay queue's snapshot, so
+    no group is both waiting in the queue and in flight.
     """
     saved = dict(counts)
-    in_flight = sorted(((gid, entry) for gid, entry in pending.items() if gid not in accepted), key=lambda kv: int(kv[0][1:]))
-    saved["queued"] += len(pending) - len(in_flight)
+    in_flight = sorted(pending.items(), key=lambda kv: int(kv[0][1:]))
     for _, (_, stage) in in_flight:
         saved["issued"] -= 1
         saved["generated"] -= stage in ("generated", "scored")

@@ -33,6 +33,11 @@ class ClusterConfig(ConfigSection):
     this process runs in (what `ray job submit` gives), or a `ray://host:port` address."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs of the local Ray node (local mode only; null: all)."""
+    ray_task_history: int = Field(10_000, ge=1)
+    """Task attempts Ray's control plane (GCS) keeps for the dashboard's task table, local mode only. Each costs
+    about 3.5 KiB of GCS memory and a run makes tens of thousands an hour, so Ray's default of 100,000 lets the GCS
+    grow by some 350 MiB before it levels off (docs/reliability.md, Chaos and soak). On a cluster set
+    `RAY_task_events_max_num_task_in_gcs` in the environment of `ray start` on the head node instead."""
     rollout_gpus_per_actor: float = Field(0.0, ge=0)
     """GPUs in each rollout actor's placement bundle (0 on CPU; rollout.tensor_parallel_size on GPU)."""
     learner_gpus_per_rank: float = Field(0.0, ge=0)

@@ -62,7 +62,7 @@ from learner.ampo import informative_groups
 from learner.checkpoint import read_checkpoint, resolve_resume
 from learner.group import LearnerGroup
 from learner.publish import PushReport
-from learner.queue import create_replay_queue
+from learner.queue import ReplayQueue
 from reward.modes import MODES
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,9 @@ class TrainingDriver:
             prompts=self.prompts,
         )
         capacity = (config.algorithm.max_staleness + 1) * config.algorithm.groups_per_step
-        self.queue = create_replay_queue(capacity, config.algorithm.max_staleness)
+        # In this process, not an actor of its own: every put and get starts or ends here anyway, so an actor would
+        # only copy each group twice more, and a checkpoint reads the queue and the groups in flight in one go.
+        self.queue = ReplayQueue(capacity, config.algorithm.max_staleness)
         self.learner = LearnerGroup(
             config.learner,
             self.policy_path,
@@ -184,7 +186,6 @@ class TrainingDriver:
             ("learner", lambda: self.learner.shutdown()),
             ("reward_pool", lambda: self.reward_pool.shutdown()),
             ("rollout_actors", lambda: [ray.kill(a) for a in self.rollout_actors]),
-            ("queue", lambda: ray.kill(self.queue)),
             ("placements", lambda: [p.remove() for p in self.placements]),
         ]
         for attribute, stop in stops:
@@ -239,7 +240,7 @@ class TrainingDriver:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop, sig)
-        cursor = self._restore()
+        cursor = await self._restore()
         self.stream = StateStream(self.states, cursor, self.config.data.shuffle)
         started = time.monotonic()
         for group_index, state_index in list(cursor.pending):
@@ -270,7 +271,7 @@ class TrainingDriver:
             "wall_seconds": round(time.monotonic() - started, 1),
             "groups": self.counts.as_dict(),
             "states": {"used": len(self.states), "dropped_too_long": self.states_dropped},
-            "queue": await self.queue.stats.remote(),
+            "queue": self.queue.stats(),
             "interrupted": self._stop.is_set(),
             "stopped_by_signal": self.stopped_by,
         }
@@ -360,7 +361,7 @@ class TrainingDriver:
             self._filtered_this_step += 1
             self._top_up()  # its capacity goes to a replacement at once
             return
-        result = await self.queue.put.remote(scored)
+        result = await self.queue.put(scored)
         self._pending.pop(request.group_id, None)
         if result == "accepted":
             self.counts.add("queued")
@@ -398,14 +399,14 @@ class TrainingDriver:
 
     async def _learn_one_step(self) -> None:
         algorithm = self.config.algorithm
-        get = self.queue.get.remote(algorithm.groups_per_step, self.version)
+        get = asyncio.ensure_future(self.queue.get(algorithm.groups_per_step, self.version))
         while True:
-            done, _ = await asyncio.wait([asyncio.ensure_future(_await_ref(get))], timeout=1.0)
+            done, _ = await asyncio.wait([get], timeout=1.0)
             if done:
-                groups = done.pop().result()
+                groups = get.result()
                 break
             if self._stop.is_set():
-                ray.cancel(get)
+                get.cancel()  # takes nothing from the queue
                 return
             self._top_up()
         stats = batch_statistics(groups, self.version)
@@ -422,7 +423,7 @@ class TrainingDriver:
                          {"step": self.step + 1, "version": self.version, "groups": [g.group_id for g in groups]})
         self.step += 1
         self.version += 1
-        dropped = await self.queue.set_version.remote(self.version)
+        dropped = await self.queue.set_version(self.version)
         self.counts.add("dropped", dropped)
         if dropped:
             log.info("%d waiting group(s) became too stale for policy version %d; replacements are issued", dropped, self.version)
@@ -496,9 +497,9 @@ class TrainingDriver:
 
     def _checkpoint(self, final: bool = False) -> None:
         cursor = self.stream.cursor
-        snapshot = ray.get(self.queue.snapshot.remote())
-        # Taken after the snapshot: a put the queue accepted before it whose task has not resumed yet is not in flight.
-        cursor.pending, counts = saved_accounting(self.counts.as_dict(), self._pending, snapshot.accepted_ids())
+        snapshot = self.queue.snapshot()
+        # Read in the same turn of the event loop as the snapshot; a group the queue holds is never also in flight.
+        cursor.pending, counts = saved_accounting(self.counts.as_dict(), self._pending)
         path = self.learner.checkpoint(
             self.run_dir,
             step=self.step,
@@ -530,15 +531,15 @@ class TrainingDriver:
             log.warning("resuming %s with changed experiment settings: %s", path, "; ".join(differences))
         return path
 
-    def _restore(self) -> DataCursor:
+    async def _restore(self) -> DataCursor:
         path = self._resume_from
         if path is None:
             return DataCursor(seed=self.config.data.seed)
         state = self.learner.resume(path)
         self.step, self.version = state.step, state.version
         if state.queue_snapshot is not None:
-            ray.get(self.queue.restore.remote(state.queue_snapshot))
-        ray.get(self.queue.set_version.remote(self.version))
+            await self.queue.restore(state.queue_snapshot)
+        await self.queue.set_version(self.version)
         for stage, count in state.data_cursor["counts"].items():  # in place: the router shares this object
             setattr(self.counts, stage, count)
         report = self.learner.publish(self.version).result()
@@ -551,11 +552,6 @@ class TrainingDriver:
             log.warning("the previous run had gone past this checkpoint; its %d later record(s) moved to "
                         "*.discarded.jsonl (those steps are trained again)", discarded)
         return DataCursor.from_json(state.data_cursor["cursor"])
-
-
-async def _await_ref(ref: ray.ObjectRef) -> Any:
-    return await ref
-
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -84,7 +84,7 @@ def open_endpoint(
 
     With `base_url: local` a vLLM OpenAI server is started on 127.0.0.1 serving `model_path` (default: the
     configured rollout model, i.e. the embedded model unless the config names a folder) with the rollout engine's
-    dtype, KV-cache size and eager mode; the served name is the section's `model`, or `ampo-local` when that is
+    dtype and eager mode and the section's `local_kv_cache_memory_bytes` (default: the rollout engine's KV size); the served name is the section's `model`, or `ampo-local` when that is
     `local` too. The context length is the model's own limit (at most 8192) so long judge prompts fit. Otherwise
     the section's URL and model are returned as they are; `model: local` with a remote URL is a config error.
     """
@@ -101,7 +101,7 @@ def open_endpoint(
         served_model_name=name,
         dtype=resolve_dtype(rollout.dtype, what=f"local {what} server"),
         max_model_len=_position_limit(path),
-        kv_cache_memory_bytes=rollout.kv_cache_memory_bytes,
+        kv_cache_memory_bytes=section.local_kv_cache_memory_bytes or rollout.kv_cache_memory_bytes,
         enforce_eager=rollout.enforce_eager,
         startup_timeout_s=startup_timeout_s,
     )

@@ -88,11 +88,11 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("ampo_reward_format_error_ratio", "gauge", "reward", "Share of format errors among a reward actor's recent samples.", unit="percentunit"),
     MetricSpec("ampo_reward_samples_total", "counter", "reward", "Scored samples by thinking mode.", ("mode",)),
     MetricSpec("ampo_reward_invalid_samples_total", "counter", "reward", "Samples left without a reward, by reason.", ("reason",)),
-    # learner: queue and weight push
-    MetricSpec("ampo_queue_depth", "gauge", "learner", "Scored groups waiting in the replay queue."),
-    MetricSpec("ampo_queue_put_wait_seconds", "histogram", "learner", "Time producers waited for room in the queue (backpressure).", unit="s"),
-    MetricSpec("ampo_queue_refused_groups_total", "counter", "learner", "Groups refused or dropped by the queue, by reason.", ("reason",)),
-    MetricSpec("ampo_queue_staleness", "histogram", "learner", "Version lag of the groups the learner consumed."),
+    # driver: the replay queue; learner: the weight push
+    MetricSpec("ampo_queue_depth", "gauge", "driver", "Scored groups waiting in the replay queue."),
+    MetricSpec("ampo_queue_put_wait_seconds", "histogram", "driver", "Time producers waited for room in the queue (backpressure).", unit="s"),
+    MetricSpec("ampo_queue_refused_groups_total", "counter", "driver", "Groups refused or dropped by the queue, by reason.", ("reason",)),
+    MetricSpec("ampo_queue_staleness", "histogram", "driver", "Version lag of the groups the learner consumed."),
     MetricSpec("ampo_weight_push_seconds", "histogram", "learner", "From publish to each rollout actor's acknowledgement.", ("transport",), "s"),
     MetricSpec("ampo_weight_push_failures_total", "counter", "learner", "Weight pushes that failed or missed their deadline.", ("transport",)),
 )

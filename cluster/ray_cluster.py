@@ -125,6 +125,7 @@ def _init(config: Config) -> dict[str, Any]:
             _metrics_export_port=config.logging.metrics_port or None,
             runtime_env=runtime_env,
             log_to_driver=config.logging.level == "DEBUG",
+            _system_config={"task_events_max_num_task_in_gcs": config.cluster.ray_task_history},
         )
     else:
         log.info("joining the Ray cluster at %s", config.cluster.address)

@@ -19,8 +19,10 @@ Design:
   a JSON document (requests, order, the ids already seen, counters); ``restore()`` rebuilds them exactly. Nothing
   is pickled, so a checkpoint from elsewhere cannot run code on load.
 
-The class is an ordinary asyncio object (tests drive it directly); :func:`create_replay_queue` starts it as an
-async Ray actor, where concurrent ``put`` and ``get`` calls interleave on the actor's event loop.
+The queue is an ordinary asyncio object on the training driver's event loop, where the driver's group tasks put and
+its learning loop gets. It is not a Ray actor of its own: every group reaches it from the driver and leaves it for the
+driver, so an actor would only add two copies of each group on the way, and a checkpoint reads the waiting groups and
+the groups still in flight in the same turn of the loop, so no group is saved as both.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyarrow as pa
-import ray
 
 from actors.records import (
     ScoredGroup,
@@ -45,7 +46,7 @@ from actors.records import (
 )
 from actors.run_metrics import Counter, Gauge, Histogram  # every series also carries the `run` tag
 
-__all__ = ["PutResult", "QueueSnapshot", "QueueTimeout", "ReplayQueue", "create_replay_queue"]
+__all__ = ["PutResult", "QueueSnapshot", "QueueTimeout", "ReplayQueue"]
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ class QueueSnapshot:
     def waiting_ids(self) -> list[str]:
         """Ids of the groups waiting in the queue when the snapshot was taken, oldest first."""
         return list(json.loads(self.meta)["order"])
-
-    def accepted_ids(self) -> set[str]:
-        """Ids of every group the queue accepted before the snapshot: waiting in it or already consumed."""
-        return set(json.loads(self.meta)["seen"])
 
 
 class ReplayQueue:
@@ -143,15 +140,14 @@ class ReplayQueue:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: len(self._groups) < self.capacity), timeout_s)
             except asyncio.TimeoutError:
-                self._reserved.discard(group.group_id)
                 raise QueueTimeout(
                     f"replay queue full ({len(self._groups)}/{self.capacity} groups) for {timeout_s} s; "
                     f"group {group.group_id} was not stored"
                 ) from None
-            finally:
+            finally:  # timed out, cancelled, or stored below without yielding to the event loop in between
                 self._waiting_puts -= 1
+                self._reserved.discard(group.group_id)
             self._put_wait.observe(time.monotonic() - started)
-            self._reserved.discard(group.group_id)
             if self._lag(group) > self.max_staleness:  # the learner moved on while we waited
                 return self._refuse_stale(group)
             self._seen.add(group.group_id)
@@ -312,21 +308,3 @@ def _incompleteness(group: ScoredGroup) -> str | None:
         return f"samples from other groups {sorted(strangers)}"
     return None
 
-
-def create_replay_queue(
-    capacity: int,
-    max_staleness: int,
-    *,
-    current_version: int = 0,
-    name: str | None = None,
-    **ray_options: Any,
-) -> ray.actor.ActorHandle:
-    """Start a :class:`ReplayQueue` as an async Ray actor (``name`` makes it a named actor).
-
-    The actor needs no CPU of its own (``num_cpus=0`` unless overridden) and handles many concurrent calls, so
-    blocked puts never stop the learner's ``get``.
-    """
-    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, **ray_options}
-    if name is not None:
-        options["name"] = name
-    return ray.remote(ReplayQueue).options(**options).remote(capacity, max_staleness, current_version=current_version)

@@ -20,6 +20,10 @@ class JudgeConfig(ConfigSection):
     model: str = "local"
     """Model name sent to the endpoint (paper: qwen2.5-72b-instruct for rewards, gpt-4o-2024-08-06 for
     evaluation); `local` means the name the local server registers."""
+    local_kv_cache_memory_bytes: int | None = Field(None, ge=1 << 20)
+    """KV-cache memory of the local server started for `base_url: local` (null: the rollout engine's
+    `rollout.kv_cache_memory_bytes`). A judge's prompts are long (a whole episode and its rubric for the evaluator)
+    and every call in flight holds its own cache, so a local judge may need more than the policy's engine."""
     api_key_env: str = "AMPO_JUDGE_API_KEY"
     """Environment variable holding the API key (unset is fine for a local server)."""
     api_key_file: Path | None = None

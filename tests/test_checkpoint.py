@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import pickle
 import random
@@ -126,26 +127,27 @@ def test_hf_export_shards_and_loads(tiny_model_dir: Path, tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Step 1, checkpoint (2 sharded ranks + queue + cursor), step 2; kill every learner actor and the queue;
+    """Step 1, checkpoint (2 sharded ranks + queue + cursor), step 2; kill every learner actor and lose the queue;
     resume from the latest checkpoint: step 2 again gives the same groups and the same loss, and the run then
     consumes every group of the data exactly once."""
     from learner.group import LearnerGroup
-    from learner.queue import create_replay_queue
+    from learner.queue import ReplayQueue
 
     ray = ray_local
+    loop = asyncio.new_event_loop()  # the driver's: the queue lives on one event loop
     algorithm = AlgorithmConfig(max_staleness=2, kl_coef=0.01)
     learner = LearnerConfig(**TINY_LEARNER, num_ranks=2, micro_batch_size=2, lr=1e-3)
     data = make_groups(8)  # the data set, walked by the producer with a cursor
 
     def produce(queue, start: int, stop: int) -> int:
         for group in data[start:stop]:
-            assert ray.get(queue.put.remote(group, 30.0), timeout=60) == "accepted"
+            assert loop.run_until_complete(queue.put(group, 30.0)) == "accepted"
         return stop
 
     def take(queue, k: int, version: int) -> list:
-        return ray.get(queue.get.remote(k, version, 30.0), timeout=60)
+        return loop.run_until_complete(queue.get(k, version, 30.0))
 
-    queue = create_replay_queue(capacity=4, max_staleness=2)
+    queue = ReplayQueue(capacity=4, max_staleness=2)
     group = LearnerGroup(learner, tiny_model_dir, algorithm=algorithm)
     cursor = produce(queue, 0, 4)
     first = take(queue, 2, 0)
@@ -156,7 +158,7 @@ def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Pa
         step=1,
         version=1,
         data_cursor={"next": cursor},
-        queue_snapshot=ray.get(queue.snapshot.remote(), timeout=60),
+        queue_snapshot=queue.snapshot(),
         config_yaml="learner:\n  lr: 0.001\n",
     )
     second = take(queue, 2, 1)
@@ -164,7 +166,7 @@ def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Pa
 
     for worker in group.workers:  # crash: no clean shutdown
         ray.kill(worker)
-    ray.kill(queue)
+    del queue  # lost with the driver process
 
     path = latest_checkpoint(tmp_path)
     assert path == saved
@@ -173,8 +175,8 @@ def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Pa
         state = resumed.resume(path)
         assert (state.step, state.version, state.data_cursor) == (1, 1, {"next": 6})
         assert state.config_yaml.startswith("learner:")
-        queue = create_replay_queue(capacity=4, max_staleness=2)
-        assert ray.get(queue.restore.remote(state.queue_snapshot), timeout=60) == 4
+        queue = ReplayQueue(capacity=4, max_staleness=2)
+        assert loop.run_until_complete(queue.restore(state.queue_snapshot)) == 4
         again = take(queue, 2, state.version)
         replayed = resumed.step(again, version=state.version)
         print(
@@ -191,7 +193,7 @@ def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Pa
         rest = take(queue, 4, 2)
         consumed = [g.group_id for g in first + again + rest]
         assert consumed == [g.group_id for g in data]  # every group once, in order: nothing skipped or repeated
-        assert ray.get(queue.put.remote(data[0]), timeout=60) == "duplicate"
+        assert loop.run_until_complete(queue.put(data[0])) == "duplicate"
     finally:
         resumed.shutdown()
-        ray.kill(queue)
+        loop.close()

@@ -170,7 +170,7 @@ def test_the_roles_count_only_tag_values_that_start_at_0() -> None:
 # ------------------------------------------------------------------------------------------------ local scraping
 
 
-def test_the_local_scrape_config_names_the_port_local_ray_exports_on(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_ray_exports_on_the_scraped_port_and_bounds_its_task_history(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
     from cluster import ray_cluster
@@ -188,6 +188,8 @@ def test_the_local_scrape_config_names_the_port_local_ray_exports_on(monkeypatch
     ray_cluster.connect(config)
     # Local Ray runs without its dashboard (so no service-discovery file) and exports on logging.metrics_port.
     assert calls[0]["include_dashboard"] is False and calls[0]["_metrics_export_port"] == port
+    # It also bounds the task history its GCS keeps (docs/reliability.md, Chaos and soak).
+    assert calls[0]["_system_config"] == {"task_events_max_num_task_in_gcs": config.cluster.ray_task_history}
 
 
 # ------------------------------------------------------------------------------------------------ trackers

@@ -597,6 +597,27 @@ def test_open_endpoint_uses_remote_sections_as_given():
         assert (base_url, model) == ("https://judge.example/v1", "qwen2.5-72b-instruct")
 
 
+def test_a_local_server_takes_the_sections_kv_cache_size_or_the_rollout_engines(monkeypatch, tiny_model_dir):
+    import cluster.endpoints
+
+    started = []
+
+    class Server:  # records what the local server would be started with
+        base_url = "http://127.0.0.1:1/v1"
+
+        def __init__(self, path, **settings):
+            started.append(settings)
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(cluster.endpoints, "JudgeServer", Server)
+    config = load_config(TINY_CONFIG, [f"rollout.model={tiny_model_dir}", "rollout.kv_cache_memory_bytes=268435456"])
+    open_endpoint(config.eval.judge, config.rollout)
+    open_endpoint(config.eval.judge.model_copy(update={"local_kv_cache_memory_bytes": 1 << 30}), config.rollout)
+    assert [s["kv_cache_memory_bytes"] for s in started] == [268435456, 1 << 30]
+
+
 async def test_rollout_policy_sends_one_sample_per_chat_to_the_least_loaded_actor():
     import asyncio
 

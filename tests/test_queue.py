@@ -9,7 +9,7 @@ import pytest
 from learner_fixtures import make_group, make_groups
 
 from actors.records import GroupRequest, SamplingSpec, group_request_from_dict, group_request_to_dict, scored_groups_to_table
-from learner.queue import QueueSnapshot, QueueTimeout, ReplayQueue, create_replay_queue
+from learner.queue import QueueSnapshot, QueueTimeout, ReplayQueue
 
 
 def run(coro):
@@ -52,6 +52,26 @@ def test_backpressure_blocks_until_room_and_times_out() -> None:
         with pytest.raises(QueueTimeout):
             await q.get(1, 0, timeout_s=0.05)
         assert await q.put(d) == "accepted"
+
+    run(main())
+
+
+def test_cancelled_calls_change_nothing() -> None:
+    """The driver cancels its waiting get when a run stops and its group tasks when it shuts down."""
+
+    async def main() -> None:
+        q = ReplayQueue(capacity=1, max_staleness=0)
+        a, b = make_groups(2)
+        getting = asyncio.create_task(q.get(2, 0))
+        await q.put(a)
+        blocked = asyncio.create_task(q.put(b))
+        await asyncio.sleep(0.05)
+        for task in (getting, blocked):
+            task.cancel()
+        await asyncio.gather(getting, blocked, return_exceptions=True)
+        assert q.depth() == 1 and q.stats()["waiting_puts"] == 0  # the get took nothing
+        assert [g.group_id for g in await q.get(1, 0)] == ["g0"]
+        assert await q.put(b) == "accepted"  # the cancelled put left its id free
 
     run(main())
 
@@ -147,24 +167,3 @@ def test_restore_rejects_unknown_format() -> None:
     q = ReplayQueue(capacity=2, max_staleness=0)
     with pytest.raises(ValueError, match="format"):
         run(q.restore(QueueSnapshot(arrow=b"", meta='{"format": 99}')))
-
-
-@pytest.mark.slow
-def test_queue_actor_backpressure_between_callers(ray_local) -> None:
-    ray = ray_local
-    q = create_replay_queue(capacity=1, max_staleness=0)
-    a, b = make_groups(2)
-    assert ray.get(q.put.remote(a), timeout=30) == "accepted"
-    blocked = q.put.remote(b)
-    ready, _ = ray.wait([blocked], timeout=0.5)
-    assert not ready  # the producer is held back while the queue is full
-    got = ray.get(q.get.remote(1, 0), timeout=30)
-    assert [g.group_id for g in got] == ["g0"]
-    assert ray.get(blocked, timeout=30) == "accepted"
-    snap = ray.get(q.snapshot.remote(), timeout=30)
-    assert ray.get(q.stats.remote(), timeout=30)["depth"] == 1
-    other = create_replay_queue(capacity=1, max_staleness=0)
-    assert ray.get(other.restore.remote(snap), timeout=30) == 1
-    assert [g.group_id for g in ray.get(other.get.remote(1, 0), timeout=30)] == ["g1"]
-    ray.kill(q)
-    ray.kill(other)

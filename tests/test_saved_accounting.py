@@ -10,7 +10,7 @@ LIVE = {"issued": 10, "generated": 9, "scored": 8, "queued": 5, "refused": 1, "d
 
 def test_groups_in_flight_are_left_out_of_the_saved_counts_and_listed_for_reissue() -> None:
     pending = {"g9": (3, "issued"), "g7": (1, "scored"), "g8": (2, "generated"), "g6": (0, "scored")}
-    reissue, saved = saved_accounting(LIVE, pending, accepted={"g0", "g1", "g2", "g3", "g4"})
+    reissue, saved = saved_accounting(LIVE, pending)
     assert reissue == [[6, 0], [7, 1], [8, 2], [9, 3]]  # in issue order, with their state indices
     # issued 10 - 4, generated 9 - 3 (g6, g7, g8), scored 8 - 2 (g6, g7); the rest as counted.
     assert saved == {**LIVE, "issued": 6, "generated": 6, "scored": 6}
@@ -18,11 +18,3 @@ def test_groups_in_flight_are_left_out_of_the_saved_counts_and_listed_for_reissu
     assert saved["scored"] == saved["queued"] + saved["refused"]
     assert LIVE["queued"] == 5  # the caller's counts are not changed
 
-
-def test_a_group_the_queue_accepted_before_its_task_resumed_is_not_issued_again() -> None:
-    # g6's put landed in the queue (it is in the snapshot's accepted ids), but its task had not yet counted it queued.
-    pending = {"g6": (0, "scored"), "g7": (1, "scored")}
-    reissue, saved = saved_accounting(LIVE, pending, accepted={"g0", "g1", "g2", "g3", "g4", "g6"})
-    assert reissue == [[7, 1]]
-    assert saved == {**LIVE, "issued": 9, "generated": 8, "scored": 7, "queued": 6}
-    assert saved["scored"] == saved["queued"] + saved["refused"]
