@@ -50,8 +50,8 @@ last third is at most 1.5 × the first third's. The bound is judged for runs of 
 shorter run are mostly start-up) and printed for every run.
 
 Run from the repository root: ``.venv/bin/python bench/chaos.py [--minutes 10] [--seed 0] [--quick]`` (the soak of
-``docs/reliability.md``: ``--minutes 30``). It prints the fault table, the accounting, the memory and step-time table,
-then ``RESULT chaos_groups_lost=<n>``,
+``docs/reliability.md``: ``--minutes 30``). It prints the fault table, the accounting, the memory and step-time table
+(every memory sample goes to ``memory.csv`` in its folder), then ``RESULT chaos_groups_lost=<n>``,
 ``RESULT chaos_groups_trained_twice=<n>``, ``RESULT chaos_unrecovered_faults=<n>`` and, for runs that judge the bound,
 ``RESULT chaos_memory_growth=<largest ratio>``. The exit status is 1 when a check fails.
 """
@@ -543,6 +543,10 @@ def main() -> int:
             growths.append(growth)
         print(f"| {role} | {len(samples)} | {first or 0:.0f} | {last_ or 0:.0f} | "
               f"{max((v for _, v in samples), default=0):.0f} | {f'{growth:.2f}' if growth else 'n/a'} |")
+    series = work / "memory.csv"  # the whole series, to see whether a growth levels off
+    series.write_text("seconds,role,rss_mib\n" + "".join(
+        f"{t:.1f},{role},{mib:.1f}\n" for role in ROLES for t, mib in sampler.samples.get(role, [])))
+    print(f"memory series: {series}")
     records = step_records(run_dir)
     step_times = [(r["time"] - origin_epoch, r["step_seconds"]) for r in records if "step_seconds" in r]
     first_t, last_t = thirds(step_times, *window)
