@@ -43,8 +43,8 @@ again, groups waiting in the queue) and ``consumed.jsonl`` (the records of steps
 
 **Soak.** Every ``--sample-every`` seconds the script records the resident memory (RSS) of each role's processes:
 driver (with the replay queue), rollout, reward, learner ranks, judge server, and Ray's own GCS and raylet (these
-live through every restart). A process is counted from 30 s after its start (loading a model is not growth), and each role's figure
-at a sample is its largest process. **Bound**, set before the 30-minute run: for every role the median RSS over the
+live through every restart). A process is counted from 30 s after its start (loading a model is not growth), and
+each role's figure at a sample is its largest process. **Bound**, set before the 30-minute run: for every role the median RSS over the
 last third of the run is at most 1.25 × the median over the first third, and the learner's median step time over the
 last third is at most 1.5 × the first third's. The bound is judged for runs of at least 10 minutes (the thirds of a
 shorter run are mostly start-up) and printed for every run.

@@ -72,8 +72,10 @@ def measure(cap: int | None, calls: int) -> list[tuple[int, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--calls", type=int, default=40_000, help="actor calls per Ray instance (a multiple of 20,000)")
-    parser.add_argument("--cap", type=int, help="only measure this cap and print its samples (a child run)")
+    parser.add_argument("--cap", type=int, help="only measure this cap (0: Ray's default) and print its samples (a child run)")
     args = parser.parse_args()
+    if args.calls < 2 * SAMPLE_EVERY or args.calls % (2 * SAMPLE_EVERY):
+        parser.error(f"--calls must be a positive multiple of {2 * SAMPLE_EVERY:,} (samples at the half-way point and the end)")
     if args.cap is not None:
         for made, mib in measure(args.cap or None, args.calls):
             print(f"SAMPLE {made} {mib:.1f}", flush=True)
