@@ -538,6 +538,7 @@ def main() -> int:
     judged = window[1] - window[0] >= 60 * JUDGED_FROM_MINUTES
     print(f"\n| role | samples | RSS MiB first third | middle third | last third | max | growth (bound {MEMORY_BOUND}) "
           f"| still growing (bound {PLATEAU_BOUND}) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    growths: list[float] = []
     within_memory = True
     for role in ROLES:
         samples = sampler.samples.get(role, [])

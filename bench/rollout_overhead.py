@@ -64,7 +64,8 @@ def measure(tmp: Path) -> None:
 
     from actors.config import RolloutConfig
     from actors.records import GroupRequest, SamplingSpec
-    from actors.rollout import create_rollout_actors, engine_kwargs, sampling_params
+    from actors.engine_io import engine_kwargs, sampling_params
+    from actors.rollout import create_rollout_actors
     from testing.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4)

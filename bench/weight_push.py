@@ -55,7 +55,8 @@ def main() -> None:
     from vllm import LLM
 
     from actors.config import RolloutConfig
-    from actors.rollout import create_rollout_actors, engine_kwargs
+    from actors.engine_io import engine_kwargs
+    from actors.rollout import create_rollout_actors
     from cluster.models import prepare_embedded_model
     from learner.config import AlgorithmConfig, LearnerConfig
     from learner.group import LearnerGroup

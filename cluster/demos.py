@@ -28,7 +28,8 @@ from cluster.endpoints import Endpoint
 from cluster.workfiles import append_json_line, digest, progress_bar, read_json_lines
 from prompts import DEFAULT_PROMPTS, PromptSet
 from reward.config import JudgeConfig
-from reward.judge import AnswerError, JudgeClient, JudgeResult, extract_json_object
+from reward.answers import AnswerError, extract_json_object
+from reward.judge import JudgeClient, JudgeResult
 from reward.modes import MODE_NAMES, MODE_SECTIONS, MODES, format_response, parse_response
 
 

@@ -15,7 +15,11 @@ How the driver keeps every stage busy and every group accounted for:
   up at once. With `max_staleness: 0` the driver also waits for each weight push before issuing the next
   batch: exactly synchronous on-policy RL, the baseline the benchmarks compare against.
 * **One task per group**: generate on the least-loaded rollout actor, score on the reward pool, put into
-  the queue. A rollout or reward actor that dies is restarted by Ray (`max_restarts`); the driver re-sends
+  the queue. The generated group goes from the rollout actor to a reward actor by reference: the driver waits
+  for its sample count only and never deserialises it (Ray still routes a group under 100 KiB through the
+  driver's memory as bytes). The scored group is read here, once: advantages are normalised over whole groups,
+  the batch statistics and the checkpoint of the waiting groups need it, and each sample then goes to one
+  learner rank. A rollout or reward actor that dies is restarted by Ray (`max_restarts`); the driver re-sends
   the group it held (counted as resubmitted) and, for a rollout actor, first brings the restarted engine
   to the current weights. A group is therefore generated, scored and queued exactly once.
 * **Accounting**: `generated = scored = consumed + refused + dropped + filtered + waiting in the queue` at the
@@ -31,6 +35,10 @@ How the driver keeps every stage busy and every group accounted for:
   run trains on the same groups again. Over the kept lineage every group id is consumed exactly once.
 * **Ctrl-C** (or SIGTERM) stops issuing, lets the current learner step finish, writes a checkpoint and
   shuts the roles down.
+
+Why one class of this length: the group tasks, the replay queue, the counts and the data cursor live on one event
+loop and a checkpoint reads them all in one turn of it, which is what makes a resume exact; the parts that need no
+such state are next door (`router`, `accounting`, `data_order`, `learner.queue`).
 """
 
 from __future__ import annotations
@@ -152,8 +160,9 @@ class TrainingDriver:
         )
         capacity = (config.algorithm.max_staleness + 1) * config.algorithm.groups_per_step
         # In this process, not an actor of its own: every put and get starts or ends here anyway, so an actor would
-        # only copy each group twice more, and a checkpoint reads the queue and the groups in flight in one go.
-        self.queue = ReplayQueue(capacity, config.algorithm.max_staleness)
+        # only copy each group twice more, and a checkpoint reads the queue and the groups in flight in one go. The
+        # queue reads the policy version from here, its one owner, and its refusals are counted here, once.
+        self.queue = ReplayQueue(capacity, config.algorithm.max_staleness, lambda: self.version)
         self.learner = LearnerGroup(
             config.learner,
             self.policy_path,
@@ -339,10 +348,10 @@ class TrainingDriver:
             self._stop.set()
 
     async def _produce(self, request: GroupRequest, group_index: int) -> None:
-        group = await self.router.generate(request)
+        samples, group = await self.router.generate(request)
         self._pending[request.group_id][1] = "generated"
         self.counts.add("generated")
-        self.judge_load.change(len(group.samples))
+        self.judge_load.change(samples)
         def rescore(state: RetryCallState) -> None:
             self.counts.add("resubmitted_reward")
             log.warning("a reward actor was lost scoring group %s (%s); scoring it again", request.group_id,
@@ -350,9 +359,9 @@ class TrainingDriver:
 
         try:  # Ray restarts a lost reward actor; the group is sent to the pool again until it is scored
             scoring = AsyncRetrying(wait=wait_fixed(1.0), retry=retry_if_exception_type(ACTOR_LOST), before_sleep=rescore)
-            scored = await scoring(self._score, group)  # a coroutine function: tenacity awaits what it returns
+            scored = await scoring(self._score, group, samples)  # a coroutine function: tenacity awaits its result
         finally:
-            self.judge_load.change(-len(group.samples))
+            self.judge_load.change(-samples)
         self._pending[request.group_id][1] = "scored"
         self.counts.add("scored")
         if self._filter_out(scored):
@@ -372,8 +381,8 @@ class TrainingDriver:
             log.info("the replay queue refused group %s (%s); a replacement is issued", request.group_id, result)
             self._top_up()
 
-    async def _score(self, group: Any) -> ScoredGroup:
-        return await self.reward_pool.score(group)
+    async def _score(self, group: ray.ObjectRef, samples: int) -> ScoredGroup:
+        return await self.reward_pool.score(group, samples)
 
     def _filter_out(self, group: ScoredGroup) -> bool:
         """Whether a scored group is dropped for carrying no gradient (see `algorithm.filter_uninformative`)."""
@@ -399,7 +408,7 @@ class TrainingDriver:
 
     async def _learn_one_step(self) -> None:
         algorithm = self.config.algorithm
-        get = asyncio.ensure_future(self.queue.get(algorithm.groups_per_step, self.version))
+        get = asyncio.ensure_future(self.queue.get(algorithm.groups_per_step))
         while True:
             done, _ = await asyncio.wait([get], timeout=1.0)
             if done:
@@ -423,7 +432,7 @@ class TrainingDriver:
                          {"step": self.step + 1, "version": self.version, "groups": [g.group_id for g in groups]})
         self.step += 1
         self.version += 1
-        dropped = await self.queue.set_version(self.version)
+        dropped = await self.queue.drop_stale()
         self.counts.add("dropped", dropped)
         if dropped:
             log.info("%d waiting group(s) became too stale for policy version %d; replacements are issued", dropped, self.version)
@@ -539,9 +548,9 @@ class TrainingDriver:
         self.step, self.version = state.step, state.version
         if state.queue_snapshot is not None:
             await self.queue.restore(state.queue_snapshot)
-        await self.queue.set_version(self.version)
         for stage, count in state.data_cursor["counts"].items():  # in place: the router shares this object
             setattr(self.counts, stage, count)
+        self.counts.add("dropped", await self.queue.drop_stale())  # none, unless the checkpoint came from elsewhere
         report = self.learner.publish(self.version).result()
         if not report.ok:
             raise RuntimeError(f"could not load the resumed weights into the rollout actors: {report.describe()}")

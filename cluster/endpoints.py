@@ -5,7 +5,8 @@ endpoint. A config section whose `base_url` is `local` gets a vLLM OpenAI server
 folder (the configured rollout model, i.e. the embedded model by default): :func:`open_endpoint` returns an
 :class:`Endpoint` that owns the server and stops it on `close`. Sections that name a URL are used as they are.
 
-The policy of episodes is :class:`RolloutPolicy`, the `cluster.episodes.Policy` of rollout actors: Ray handles (what
+A model behind an OpenAI-compatible chat API (the partner, or a policy evaluated through its API) is an
+:class:`OpenAIChatModel`. The policy of episodes is otherwise :class:`RolloutPolicy`, the `cluster.episodes.Policy` of rollout actors: Ray handles (what
 the training driver holds) or plain in-process `actors.rollout.RolloutActor` objects. `build-states` and `eval` get
 theirs from :func:`policy_engines`: locally one in-process engine (no Ray to start), on a cluster Ray actors placed
 on GPU nodes; either way the same generation code as training (chat template, sampling, token counts). A local
@@ -19,10 +20,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from openai import AsyncOpenAI
 
 from actors.config import RolloutConfig
 from actors.precision import resolve_dtype
@@ -193,3 +197,61 @@ async def policy_engines(config: Config, model_path: str | Path, *, seed: int | 
         for actor in actors:
             ray.kill(actor)
         placement.remove()
+
+
+class OpenAIChatModel:
+    """A model behind an OpenAI-compatible chat API: the partner (GPT-4o in the paper) when called, or the evaluated
+    policy through :meth:`generate`, which also reports the response's token count from the API's usage.
+
+    The API key is read from the environment variable ``api_key_env`` (or ``api_key_file`` when it is unset), never
+    passed in a config; a local server that needs no key works with both unset. Reasoning models return their
+    reasoning separately: only the message content is the reply. At most ``max_concurrency`` requests are in flight;
+    the client retries rate limits, 5xx and timeouts itself (``max_retries``).
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key_env: str = "AMPO_PARTNER_API_KEY",
+        api_key_file: Path | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 1024,
+        max_concurrency: int = 30,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+    ) -> None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key and api_key_file is not None:
+            api_key = Path(api_key_file).read_text(encoding="utf-8").strip()
+        # The client insists on a key; a local server ignores it.
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "unused", timeout=timeout_s,
+                                   max_retries=max_retries)
+        self.model = model
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_tokens = max_tokens
+        self._slots = asyncio.Semaphore(max_concurrency)
+
+    async def _reply(self, messages: list[Message]) -> Generation:
+        async with self._slots:
+            completion = await self._client.chat.completions.create(
+                model=self.model, messages=messages, temperature=self.temperature, top_p=self.top_p,
+                max_tokens=self.max_tokens,
+            )
+        usage = completion.usage
+        return Generation(completion.choices[0].message.content or "", usage.completion_tokens if usage else None)
+
+    async def generate(self, batch: list[list[Message]]) -> list[Generation]:
+        """One generation per chat, in order (the :class:`Policy` interface)."""
+        return list(await asyncio.gather(*(self._reply(messages) for messages in batch)))
+
+    async def __call__(self, batch: list[list[Message]]) -> list[str]:
+        """One reply text per chat, in order (the :class:`Partner` interface)."""
+        return [generation.text for generation in await self.generate(batch)]
+
+    async def close(self) -> None:
+        """Close the HTTP connections."""
+        await self._client.close()

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from openai import AsyncOpenAI
 from pydantic import BaseModel, ConfigDict
 
 from actors.prompts import (
@@ -437,64 +436,6 @@ class EpisodeRunner:
                 raise TypeError(f"the evaluate hook must return an EpisodeRecord, got {type(record).__name__}")
         _append_line(out_path, record.model_dump_json())
         return record
-
-
-class OpenAIChatModel:
-    """A model behind an OpenAI-compatible chat API: the partner (GPT-4o in the paper) when called, or the evaluated
-    policy through :meth:`generate`, which also reports the response's token count from the API's usage.
-
-    The API key is read from the environment variable ``api_key_env`` (or ``api_key_file`` when it is unset), never
-    passed in a config; a local server that needs no key works with both unset. Reasoning models return their
-    reasoning separately: only the message content is the reply. At most ``max_concurrency`` requests are in flight;
-    the client retries rate limits, 5xx and timeouts itself (``max_retries``).
-    """
-
-    def __init__(
-        self,
-        *,
-        base_url: str,
-        model: str,
-        api_key_env: str = "AMPO_PARTNER_API_KEY",
-        api_key_file: Path | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_tokens: int = 1024,
-        max_concurrency: int = 30,
-        timeout_s: float = 120.0,
-        max_retries: int = 5,
-    ) -> None:
-        api_key = os.environ.get(api_key_env)
-        if not api_key and api_key_file is not None:
-            api_key = Path(api_key_file).read_text(encoding="utf-8").strip()
-        # The client insists on a key; a local server ignores it.
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "unused", timeout=timeout_s,
-                                   max_retries=max_retries)
-        self.model = model
-        self.temperature = temperature
-        self.top_p = top_p
-        self.max_tokens = max_tokens
-        self._slots = asyncio.Semaphore(max_concurrency)
-
-    async def _reply(self, messages: list[Message]) -> Generation:
-        async with self._slots:
-            completion = await self._client.chat.completions.create(
-                model=self.model, messages=messages, temperature=self.temperature, top_p=self.top_p,
-                max_tokens=self.max_tokens,
-            )
-        usage = completion.usage
-        return Generation(completion.choices[0].message.content or "", usage.completion_tokens if usage else None)
-
-    async def generate(self, batch: list[list[Message]]) -> list[Generation]:
-        """One generation per chat, in order (the :class:`Policy` interface)."""
-        return list(await asyncio.gather(*(self._reply(messages) for messages in batch)))
-
-    async def __call__(self, batch: list[list[Message]]) -> list[str]:
-        """One reply text per chat, in order (the :class:`Partner` interface)."""
-        return [generation.text for generation in await self.generate(batch)]
-
-    async def close(self) -> None:
-        """Close the HTTP connections."""
-        await self._client.close()
 
 
 def select_episodes(

@@ -19,8 +19,8 @@ from actors.sotopia import SotopiaDataset
 from actors.states import chat_token_counter, text_token_counter
 from cluster.stages import scenarios_path
 from cluster.config import ChatModelConfig, Config
-from cluster.endpoints import Endpoint, RolloutPolicy, policy_engines
-from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, OpenAIChatModel, Policy, select_episodes
+from cluster.endpoints import Endpoint, OpenAIChatModel, RolloutPolicy, policy_engines
+from cluster.episodes import EpisodeRecord, EpisodeRunner, Evaluator, Policy, select_episodes
 from cluster.workfiles import progress_bar
 from reward.evaluator import NO_THINKING, EpisodeEvaluator, ResultsSummary, render_summary, summarise
 from reward.judge import JudgeClient

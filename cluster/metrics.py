@@ -91,7 +91,6 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     # driver: the replay queue; learner: the weight push
     MetricSpec("ampo_queue_depth", "gauge", "driver", "Scored groups waiting in the replay queue."),
     MetricSpec("ampo_queue_put_wait_seconds", "histogram", "driver", "Time producers waited for room in the queue (backpressure).", unit="s"),
-    MetricSpec("ampo_queue_refused_groups_total", "counter", "driver", "Groups refused or dropped by the queue, by reason.", ("reason",)),
     MetricSpec("ampo_queue_staleness", "histogram", "driver", "Version lag of the groups the learner consumed."),
     MetricSpec("ampo_weight_push_seconds", "histogram", "learner", "From publish to each rollout actor's acknowledgement.", ("transport",), "s"),
     MetricSpec("ampo_weight_push_failures_total", "counter", "learner", "Weight pushes that failed or missed their deadline.", ("transport",)),
@@ -109,7 +108,6 @@ def run_label(config: Config) -> str:
 def counter_start_values() -> dict[str, dict[str, tuple[str, ...]]]:
     """Per counter, the tag values its role records 0 for at start-up (the two described values stand for the one
     value of an actor's index and of the run's transport)."""
-    from learner.queue import PutResult
     from reward.judge import ErrorKind
     from reward.modes import MODES
     from reward.pool import FORMAT_ERROR_MODE, INVALID_REASONS
@@ -122,7 +120,6 @@ def counter_start_values() -> dict[str, dict[str, tuple[str, ...]]]:
         "ampo_judge_retries_total": {"kind": kinds},
         "ampo_reward_samples_total": {"mode": (*(str(m) for m in MODES), FORMAT_ERROR_MODE)},
         "ampo_reward_invalid_samples_total": {"reason": INVALID_REASONS},
-        "ampo_queue_refused_groups_total": {"reason": tuple(r for r in get_args(PutResult) if r != "accepted")},
         "ampo_weight_push_failures_total": {"transport": ("the run's rollout.weight_transport",)},
     }
 

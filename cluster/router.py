@@ -1,5 +1,6 @@
 """Routing group requests to the rollout actors: least-loaded first, a group re-sent when its actor dies, a restarted
-actor brought back to the current weights before it serves again."""
+actor brought back to the current weights before it serves again. A generated group comes back as a reference, for
+the reward pool to read: the router only waits for its sample count."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from ray import ObjectRef
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
@@ -36,12 +38,14 @@ class RolloutRouter:
         """Actors with at least one group in flight: its idle share is the engines' time without work (waiting
         for groups, or for weights when the driver holds groups back until a push lands)."""
 
-    async def generate(self, request: GroupRequest) -> Any:
+    async def generate(self, request: GroupRequest) -> tuple[int, ObjectRef]:
+        """Generate one group; returns its sample count and the reference of the group (left unread here)."""
         while True:
             index = min(range(len(self.actors)), key=lambda i: self.load[i])
             self._take(index, +1)
             try:
-                return await self.actors[index].generate.remote(request)
+                samples, group = self.actors[index].generate_by_reference.options(num_returns=2).remote(request)
+                return await samples, group
             except ACTOR_LOST as exc:
                 self.counts.add("resubmitted_rollout")
                 log.warning(

@@ -9,15 +9,17 @@ Design:
   twice.
 * **Backpressure**: the queue holds at most ``capacity`` groups; ``put`` waits (optionally with a timeout) until
   the learner makes room. A timed-out put raises :class:`QueueTimeout` and leaves the group with the caller, so it
-  is never lost silently. Refusals (stale, duplicate, incomplete) are normal outcomes: they are returned and
-  counted, not raised.
+  is never lost silently. Refusals (stale, duplicate, incomplete) are normal outcomes: they are returned (and
+  logged), not raised, and the caller counts them: the queue keeps no counters of its own, so every group is
+  counted once, in the driver's accounting.
 * **Staleness**: a group made by policy version ``v`` is refused once the learner's version exceeds
-  ``v + max_staleness``; checked when it arrives, and again for waiting groups whenever the learner reports a newer
-  version (in ``get`` or ``set_version``). The driver's in-flight cap keeps this rare; the check
-  here is the guarantee.
+  ``v + max_staleness``; checked when it arrives (and again if it had to wait for room), and for the waiting groups
+  by ``drop_stale``, which the owner of the version calls after every change. The queue keeps no version: it reads
+  the owner's through the ``version`` callable it was given. The driver's in-flight cap keeps refusals rare; the
+  check here is the guarantee.
 * **Checkpoints**: ``snapshot()`` returns the waiting groups as an Arrow IPC stream (the scored-sample schema) plus
-  a JSON document (requests, order, the ids already seen, counters); ``restore()`` rebuilds them exactly. Nothing
-  is pickled, so a checkpoint from elsewhere cannot run code on load.
+  a JSON document (requests, order, the ids already seen); ``restore()`` rebuilds them exactly. Nothing is
+  pickled, so a checkpoint from elsewhere cannot run code on load.
 
 The queue is an ordinary asyncio object on the training driver's event loop, where the driver's group tasks put and
 its learning loop gets. It is not a Ray actor of its own: every group reaches it from the driver and leaves it for the
@@ -32,6 +34,7 @@ import collections
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,16 +47,18 @@ from actors.records import (
     scored_groups_from_table,
     scored_groups_to_table,
 )
-from actors.run_metrics import Counter, Gauge, Histogram  # every series also carries the `run` tag
+from actors.run_metrics import Gauge, Histogram  # every series also carries the `run` tag
 
 __all__ = ["PutResult", "QueueSnapshot", "QueueTimeout", "ReplayQueue"]
 
 log = logging.getLogger(__name__)
 
 PutResult = Literal["accepted", "stale", "duplicate", "incomplete"]
-"""Outcome of :meth:`ReplayQueue.put`; anything but ``accepted`` is a refusal, counted under that reason."""
+"""Outcome of :meth:`ReplayQueue.put`; anything but ``accepted`` is a refusal, for that reason."""
 
-_SNAPSHOT_FORMAT = 1
+_SNAPSHOT_FORMAT = 2
+_READABLE_FORMATS = (1, 2)
+"""Format 1 (until 2026-12) also stored the queue's counters and version; a restore ignores them."""
 
 
 class QueueTimeout(TimeoutError):
@@ -63,7 +68,7 @@ class QueueTimeout(TimeoutError):
 @dataclass(frozen=True)
 class QueueSnapshot:
     """Lossless, pickle-free state of a queue: ``arrow`` is an Arrow IPC stream of the waiting groups' samples,
-    ``meta`` a JSON document with their requests, their order, every group id seen and the counters."""
+    ``meta`` a JSON document with their requests, their order and every group id seen."""
 
     arrow: bytes
     meta: str
@@ -79,33 +84,28 @@ class ReplayQueue:
     Args:
         capacity: most groups held at once; ``put`` waits while the queue is full.
         max_staleness: how many versions a group's policy may lag behind the learner's current version.
-        current_version: the learner's policy version at start.
+        version: returns the learner's current policy version, which its owner (the driver) keeps; call
+            :meth:`drop_stale` after every change.
     """
 
-    def __init__(self, capacity: int, max_staleness: int, *, current_version: int = 0) -> None:
+    def __init__(self, capacity: int, max_staleness: int, version: Callable[[], int]) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.capacity = capacity
         self.max_staleness = max_staleness
-        self.current_version = current_version
+        self.version = version
         self._groups: collections.deque[ScoredGroup] = collections.deque()
         self._seen: set[str] = set()  # ids ever accepted: waiting or consumed
         self._reserved: set[str] = set()  # ids of puts waiting for room
         self._changed = asyncio.Condition()
         self._waiting_puts = 0
-        self._counts = {"accepted": 0, "consumed": 0, "stale": 0, "duplicate": 0, "incomplete": 0}
         self._depth = Gauge("ampo_queue_depth", "Scored groups waiting in the replay queue.")
         self._put_wait = Histogram(
             "ampo_queue_put_wait_seconds",
             "Time a put waited for room in the replay queue (backpressure).",
             boundaries=[0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0],
-        )
-        self._refused = Counter(
-            "ampo_queue_refused_groups_total",
-            "Groups the replay queue refused, by reason (stale, duplicate, incomplete).",
-            tag_keys=("reason",),
         )
         self._staleness = Histogram(
             "ampo_queue_staleness",
@@ -113,7 +113,6 @@ class ReplayQueue:
             boundaries=[0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5],
         )
         self._depth.set(0)
-        self._refused.zero(reason=("stale", "duplicate", "incomplete"))
 
     # ----------------------------------------------------------------------------------------------- producer side
 
@@ -127,10 +126,10 @@ class ReplayQueue:
         problem = _incompleteness(group)
         if problem is not None:
             log.warning("refused incomplete group %s: %s", group.group_id, problem)
-            return self._refuse("incomplete")
+            return "incomplete"
         if group.group_id in self._seen or group.group_id in self._reserved:
             log.warning("refused duplicate group %s", group.group_id)
-            return self._refuse("duplicate")
+            return "duplicate"
         if self._lag(group) > self.max_staleness:
             return self._refuse_stale(group)
         self._reserved.add(group.group_id)  # a concurrent put of the same group is then a duplicate
@@ -152,23 +151,20 @@ class ReplayQueue:
                 return self._refuse_stale(group)
             self._seen.add(group.group_id)
             self._groups.append(group)
-            self._counts["accepted"] += 1
             self._depth.set(len(self._groups))
             self._changed.notify_all()
         return "accepted"
 
     # ------------------------------------------------------------------------------------------------ learner side
 
-    async def get(self, k: int, current_version: int, timeout_s: float | None = None) -> list[ScoredGroup]:
-        """Take the ``k`` oldest groups for a learner at ``current_version``, waiting until there are k fresh ones.
-
-        Groups that are too stale for that version are refused (counted, dropped) first. Raises
-        :class:`QueueTimeout` when fewer than ``k`` fresh groups arrived within ``timeout_s`` (nothing is taken).
+    async def get(self, k: int, timeout_s: float | None = None) -> list[ScoredGroup]:
+        """Take the ``k`` oldest groups, waiting until there are k. They are fresh for the current version as long
+        as its owner called :meth:`drop_stale` after changing it. Raises :class:`QueueTimeout` when fewer than
+        ``k`` groups arrived within ``timeout_s`` (nothing is taken).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         async with self._changed:
-            self._advance_version(current_version)
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: len(self._groups) >= k), timeout_s)
             except asyncio.TimeoutError:
@@ -178,18 +174,21 @@ class ReplayQueue:
             batch = [self._groups.popleft() for _ in range(k)]
             for group in batch:
                 self._staleness.observe(self._lag(group))
-            self._counts["consumed"] += k
             self._depth.set(len(self._groups))
             self._changed.notify_all()
         return batch
 
-    async def set_version(self, version: int) -> int:
-        """Tell the queue the learner's new policy version; drops waiting groups that became too stale.
-
-        Returns how many were dropped. Versions never go back: an older version is ignored.
-        """
+    async def drop_stale(self) -> int:
+        """Drop the waiting groups that the current version made too stale (call after every version change);
+        returns how many, for the caller to count."""
         async with self._changed:
-            dropped = self._advance_version(version)
+            fresh = collections.deque(g for g in self._groups if self._lag(g) <= self.max_staleness)
+            for group in self._groups:
+                if self._lag(group) > self.max_staleness:
+                    self._log_stale(group)
+            dropped = len(self._groups) - len(fresh)
+            self._groups = fresh
+            self._depth.set(len(self._groups))
             self._changed.notify_all()
         return dropped
 
@@ -200,23 +199,20 @@ class ReplayQueue:
         return len(self._groups)
 
     def stats(self) -> dict[str, Any]:
-        """Counters and state: depth, capacity, versions, puts waiting for room, accepted/consumed/refused counts."""
+        """State now: depth, capacity, staleness limit, puts waiting for room, the oldest waiting group's version
+        (the counts of groups are the driver's)."""
         return {
             "depth": len(self._groups),
             "capacity": self.capacity,
-            "current_version": self.current_version,
             "max_staleness": self.max_staleness,
             "waiting_puts": self._waiting_puts,
             "oldest_version": min((g.policy_version for g in self._groups), default=None),
-            "accepted": self._counts["accepted"],
-            "consumed": self._counts["consumed"],
-            "refused": {reason: self._counts[reason] for reason in ("stale", "duplicate", "incomplete")},
         }
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def snapshot(self) -> QueueSnapshot:
-        """The waiting groups, every id seen, the counters and the version, in a pickle-free form."""
+        """The waiting groups and every id seen, in a pickle-free form."""
         groups = list(self._groups)
         sink = pa.BufferOutputStream()
         table = scored_groups_to_table(groups)
@@ -224,12 +220,10 @@ class ReplayQueue:
             writer.write_table(table)
         meta = {
             "format": _SNAPSHOT_FORMAT,
-            "current_version": self.current_version,
             "order": [g.group_id for g in groups],
             "requests": [group_request_to_dict(g.request) for g in groups],
             # Ids of puts still waiting for room are not state: those groups are not stored and their callers retry.
             "seen": sorted(self._seen),
-            "counts": dict(self._counts),
         }
         return QueueSnapshot(arrow=sink.getvalue().to_pybytes(), meta=json.dumps(meta))
 
@@ -243,7 +237,7 @@ class ReplayQueue:
         if isinstance(snapshot, dict):
             snapshot = QueueSnapshot(**snapshot)
         meta = json.loads(snapshot.meta)
-        if meta.get("format") != _SNAPSHOT_FORMAT:
+        if meta.get("format") not in _READABLE_FORMATS:
             raise ValueError(f"unknown replay-queue snapshot format {meta.get('format')!r}")
         table = pa.ipc.open_stream(snapshot.arrow).read_all()
         requests = {r["group_id"]: group_request_from_dict(r) for r in meta["requests"]}
@@ -255,8 +249,6 @@ class ReplayQueue:
                 raise RuntimeError(f"cannot restore while {self._waiting_puts} puts are waiting for room")
             self._groups = collections.deque(groups[gid] for gid in meta["order"])
             self._seen = set(meta["seen"])
-            self._counts = {**self._counts, **meta["counts"]}
-            self.current_version = int(meta["current_version"])
             self._depth.set(len(self._groups))
             self._changed.notify_all()
         log.info("replay queue restored: %d waiting groups, %d ids seen", len(self._groups), len(self._seen))
@@ -265,34 +257,20 @@ class ReplayQueue:
     # ------------------------------------------------------------------------------------------------- internals
 
     def _lag(self, group: ScoredGroup) -> int:
-        return self.current_version - group.policy_version
-
-    def _advance_version(self, version: int) -> int:
-        if version <= self.current_version:
-            return 0
-        self.current_version = version
-        fresh = collections.deque(g for g in self._groups if self._lag(g) <= self.max_staleness)
-        dropped = [g for g in self._groups if self._lag(g) > self.max_staleness]
-        for group in dropped:
-            self._refuse_stale(group)
-        self._groups = fresh
-        self._depth.set(len(self._groups))
-        return len(dropped)
+        return self.version() - group.policy_version
 
     def _refuse_stale(self, group: ScoredGroup) -> PutResult:
+        self._log_stale(group)
+        return "stale"
+
+    def _log_stale(self, group: ScoredGroup) -> None:
         log.warning(
-            "refused stale group %s: policy version %d, learner at %d, max staleness %d",
+            "stale group %s left out: policy version %d, learner at %d, max staleness %d",
             group.group_id,
             group.policy_version,
-            self.current_version,
+            self.version(),
             self.max_staleness,
         )
-        return self._refuse("stale")
-
-    def _refuse(self, reason: PutResult) -> PutResult:
-        self._counts[reason] += 1
-        self._refused.inc(1, tags={"reason": reason})
-        return reason
 
 
 def _incompleteness(group: ScoredGroup) -> str | None:

@@ -34,6 +34,10 @@ one torch.distributed group, and the benchmark drives one in-process. Design cho
 * **Loading.** Every rank loads the HF checkpoint in fp32 on CPU and then shards it (transiently one full fp32 copy
   per rank in host memory). Simple and exact; for very large models a meta-device init with rank-0 broadcast
   would cut host memory.
+
+Why one class of this length: set-up, the AMPO and BC steps, log-probs, checkpoint state and export all act on one
+rank's sharded model, reference and optimizer, and must issue the same collectives in the same order on every rank;
+the mathematics (loss, advantages, packing into micro-batches) lives in its own modules.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ import numpy as np
 
 from actors.jsonrows import read_json_rows
 from prompts import DEFAULT_PROMPTS, PromptSet
-from reward.judge import AnswerError, JudgeClient, extract_json_object, to_score
+from reward.answers import AnswerError, extract_json_object, to_score
+from reward.judge import JudgeClient
 from reward.prompts import DIMENSIONS, EVAL_AGENT_KEYS, EVAL_SCHEMA, evaluation_prompt, reformat_prompt
 
 AgentScores = dict[str, tuple[str, float]]

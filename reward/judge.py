@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
 import math
 import os
@@ -66,8 +65,9 @@ import openai
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, stop_after_delay
 
+from reward.answers import AnswerError, GoalScores, parse_goal_scores
 from reward.config import JudgeConfig
-from reward.prompts import AGENTS, GOAL_SCHEMA, GOAL_SCORE_RANGE
+from reward.prompts import GOAL_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,6 @@ CHARS_PER_TOKEN = 4
 """Rough prompt-size estimate for the tokens-per-minute budget (English text with BPE tokenizers)."""
 
 T = TypeVar("T")
-
-
-class AnswerError(ValueError):
-    """A judge answer that cannot be used; ``kind`` is ``unparseable`` or ``out_of_range``."""
-
-    def __init__(self, kind: Literal["unparseable", "out_of_range"], message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class JudgeObserver(Protocol):
@@ -171,22 +163,6 @@ class JudgeResult(Generic[T]):
         return self.failure is None
 
 
-@dataclass(frozen=True)
-class GoalScores:
-    """The goal judge's 0..10 scores (and reasoning) for both agents."""
-
-    agent1: float
-    agent2: float
-    reasoning1: str = ""
-    reasoning2: str = ""
-
-    def of(self, agent: str) -> float:
-        """The score of ``agent`` ("agent1" or "agent2")."""
-        if agent not in AGENTS:
-            raise ValueError(f"unknown agent {agent!r}; expected one of {AGENTS}")
-        return self.agent1 if agent == "agent1" else self.agent2
-
-
 def load_api_key(config: JudgeConfig) -> str | None:
     """The key from the environment variable ``config.api_key_env``, else from ``config.api_key_file``, else
     None. Raises ValueError (naming the file, never its content) when the key file is configured but unreadable."""
@@ -202,58 +178,6 @@ def load_api_key(config: JudgeConfig) -> str | None:
             raise ValueError(f"judge API key file {config.api_key_file} is empty")
         return key
     return None
-
-
-def extract_json_object(text: str) -> dict[str, Any]:
-    """The JSON object in a judge answer, tolerating prose, code fences and raw control characters around it.
-
-    First the greedy span from the first ``{`` to the last ``}`` is parsed (the reference's rule); if that fails,
-    the first complete object starting at the first ``{`` is decoded and anything after it ignored. Control
-    characters inside strings are accepted (``strict=False``). Raises ``AnswerError("unparseable")``.
-    """
-    start, end = text.find("{"), text.rfind("}")
-    if start == -1 or end < start:
-        raise AnswerError("unparseable", "no JSON object in the answer")
-    try:
-        value = json.loads(text[start : end + 1], strict=False)
-    except json.JSONDecodeError:
-        try:
-            value, _ = json.JSONDecoder(strict=False).raw_decode(text, start)
-        except json.JSONDecodeError as exc:
-            raise AnswerError("unparseable", f"invalid JSON: {exc.msg} at char {exc.pos}") from None
-    if not isinstance(value, dict):
-        raise AnswerError("unparseable", f"expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def to_score(value: Any, low: float, high: float, what: str) -> float:
-    """A judge score as a float in ``[low, high]``: numbers and numeric strings are accepted, booleans are not.
-    Raises ``AnswerError`` (``unparseable`` for a non-number, ``out_of_range`` for NaN or outside the range)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise AnswerError("unparseable", f"{what} is not a number: {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise AnswerError("unparseable", f"{what} is not a number: {value!r}") from None
-    if not low <= number <= high:  # negated so that NaN fails too
-        raise AnswerError("out_of_range", f"{what} = {number!r} is outside [{low}, {high}]")
-    return number
-
-
-def parse_goal_scores(text: str) -> GoalScores:
-    """Parse the goal judge's answer: an object with ``agent1`` and ``agent2``, each holding a
-    ``score`` in [0, 10] (``reasoning`` is kept when present). Raises ``AnswerError``."""
-    data = extract_json_object(text)
-    low, high = GOAL_SCORE_RANGE
-    scores: list[float] = []
-    reasons: list[str] = []
-    for agent in AGENTS:
-        entry = data.get(agent)
-        if not isinstance(entry, dict) or "score" not in entry:
-            raise AnswerError("unparseable", f"the answer lacks {agent}.score")
-        scores.append(to_score(entry["score"], low, high, f"{agent}.score"))
-        reasons.append(str(entry.get("reasoning", "")))
-    return GoalScores(agent1=scores[0], agent2=scores[1], reasoning1=reasons[0], reasoning2=reasons[1])
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

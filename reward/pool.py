@@ -49,7 +49,8 @@ from actors.records import Group, Sample, ScoredGroup, ScoredSample
 from prompts import DEFAULT_PROMPTS, PromptSet
 from reward.config import RewardConfig
 from reward.custom import CustomReward, CustomRewardContext, load_custom_reward
-from reward.judge import ErrorKind, GoalScores, JudgeClient, JudgeObserver, JudgeResult, JudgeStats
+from reward.answers import GoalScores
+from reward.judge import ErrorKind, JudgeClient, JudgeObserver, JudgeResult, JudgeStats
 from reward.modes import MODES, ParsedResponse, parse_response
 from reward.prompts import actor_of_turn, goal_prompt
 from reward.scores import JUDGE_SCORE_MAX, JUDGE_SCORE_MIN, answer_length_score, combine_reward
@@ -469,14 +470,17 @@ class RewardPool:
         self._prune()
         return [sum(pending.values()) for pending in self._pending]
 
-    def score(self, group: Group) -> ray.ObjectRef:
-        """Send ``group`` to the least-loaded actor (ties: round robin); returns the ``ScoredGroup`` ref."""
+    def score(self, group: Group | ray.ObjectRef, samples: int | None = None) -> ray.ObjectRef:
+        """Send ``group`` to the least-loaded actor (ties: round robin); returns the ``ScoredGroup`` ref. ``group``
+        may be the reference a rollout actor returned (the actor reads it; ``samples`` then gives its size)."""
+        if samples is None:
+            samples = len(group.samples)
         loads = self.load()
         order = [(self._next + i) % len(self._actors) for i in range(len(self._actors))]
         index = min(order, key=lambda i: loads[i])
         self._next = (index + 1) % len(self._actors)
         ref = self._actors[index].score.remote(group)
-        self._pending[index][ref] = len(group.samples)
+        self._pending[index][ref] = samples
         return ref
 
     def stats(self, timeout_s: float = 60.0) -> RewardStats:

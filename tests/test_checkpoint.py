@@ -144,13 +144,13 @@ def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Pa
             assert loop.run_until_complete(queue.put(group, 30.0)) == "accepted"
         return stop
 
-    def take(queue, k: int, version: int) -> list:
-        return loop.run_until_complete(queue.get(k, version, 30.0))
+    def take(queue, k: int) -> list:
+        return loop.run_until_complete(queue.get(k, 30.0))
 
-    queue = ReplayQueue(capacity=4, max_staleness=2)
+    queue = ReplayQueue(capacity=4, max_staleness=2, version=lambda: 0)
     group = LearnerGroup(learner, tiny_model_dir, algorithm=algorithm)
     cursor = produce(queue, 0, 4)
-    first = take(queue, 2, 0)
+    first = take(queue, 2)
     loss1 = group.step(first, version=0)["loss"]
     cursor = produce(queue, cursor, 6)
     saved = group.checkpoint(
@@ -161,7 +161,7 @@ def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Pa
         queue_snapshot=queue.snapshot(),
         config_yaml="learner:\n  lr: 0.001\n",
     )
-    second = take(queue, 2, 1)
+    second = take(queue, 2)
     expected = group.step(second, version=1)
 
     for worker in group.workers:  # crash: no clean shutdown
@@ -175,9 +175,9 @@ def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Pa
         state = resumed.resume(path)
         assert (state.step, state.version, state.data_cursor) == (1, 1, {"next": 6})
         assert state.config_yaml.startswith("learner:")
-        queue = ReplayQueue(capacity=4, max_staleness=2)
+        queue = ReplayQueue(capacity=4, max_staleness=2, version=lambda: 0)
         assert loop.run_until_complete(queue.restore(state.queue_snapshot)) == 4
-        again = take(queue, 2, state.version)
+        again = take(queue, 2)
         replayed = resumed.step(again, version=state.version)
         print(
             f"resume evidence: step-2 groups {[g.group_id for g in second]} -> {[g.group_id for g in again]}, "
@@ -190,7 +190,7 @@ def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Pa
         assert replayed["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-6)
 
         produce(queue, state.data_cursor["next"], len(data))
-        rest = take(queue, 4, 2)
+        rest = take(queue, 4)
         consumed = [g.group_id for g in first + again + rest]
         assert consumed == [g.group_id for g in data]  # every group once, in order: nothing skipped or repeated
         assert loop.run_until_complete(queue.put(data[0])) == "duplicate"

@@ -16,7 +16,8 @@ from aiohttp import web
 
 from actors.prompts import complete_intro
 from actors.sotopia import SotopiaDataset
-from cluster.episodes import EpisodeRecord, EpisodeRunner, Generation, Message, OpenAIChatModel, load_records
+from cluster.endpoints import OpenAIChatModel
+from cluster.episodes import EpisodeRecord, EpisodeRunner, Generation, Message, load_records
 from reward.modes import format_response
 from prompts import DEFAULT_PROMPTS
 

@@ -18,7 +18,8 @@ from reward.evaluator import (
     summarise,
 )
 from testing.fault_server import FaultConfig, FaultServer, hashed_answer
-from reward.judge import AnswerError, JudgeClient
+from reward.answers import AnswerError
+from reward.judge import JudgeClient
 from reward.prompts import DIMENSIONS, EVAL_SCHEMA, evaluation_prompt, reformat_prompt
 
 NAMES = [d.name for d in DIMENSIONS]

@@ -12,14 +12,8 @@ import pytest
 from judge_fixtures import DIALOG, judge_config, make_context
 
 from testing.fault_server import FaultConfig, FaultServer
-from reward.judge import (
-    AnswerError,
-    JudgeClient,
-    extract_json_object,
-    load_api_key,
-    parse_goal_scores,
-    retry_after_seconds,
-)
+from reward.answers import AnswerError, extract_json_object, parse_goal_scores
+from reward.judge import JudgeClient, load_api_key, retry_after_seconds
 from reward.prompts import GOAL_SCHEMA, actor_of_turn, build_history, goal_prompt
 
 # ---- prompts ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Honest log-probs: the rollout engine's behaviour log-prob of each sampled token equals the learner's recomputation
 (log-softmax of logits / temperature) on the same weights, here in float32 on CPU at temperature 0.7.
 
-The engine runs with the project's engine arguments (``actors.rollout.engine_kwargs``, which set vLLM's
+The engine runs with the project's engine arguments (``actors.engine_io.engine_kwargs``, which set vLLM's
 ``logprobs_mode`` to ``processed_logprobs``); the learner side is ``learner.loss.token_logprobs_and_entropy`` on the
 HF model. The bound is 1e-3 on the largest per-token gap (measured: 9.5e-7 on the development machine). With
 vLLM's default ``raw_logprobs`` the gap is the temperature's whole effect, far above the bound: the test checks
@@ -33,7 +33,7 @@ def largest_gap(model_dir: str, logprobs_mode: str | None) -> float:
 
     from actors.config import RolloutConfig
     from actors.records import SamplingSpec
-    from actors.rollout import engine_kwargs, sampling_params
+    from actors.engine_io import engine_kwargs, sampling_params
     from learner.loss import token_logprobs_and_entropy
 
     kwargs = engine_kwargs(RolloutConfig(dtype="float32", kv_cache_memory_bytes=1 << 26, max_model_len=512), model_dir)

@@ -29,7 +29,7 @@ from cluster.report import report
 from cluster.states import build_states_async, prefix_goal_prompt
 from learner.bc import BCDataError, load_bc_records
 from testing.fault_server import FaultConfig, FaultServer, hashed_answer
-from reward.judge import AnswerError, parse_goal_scores
+from reward.answers import AnswerError, parse_goal_scores
 from reward.modes import MODE_SECTIONS, format_response, parse_response
 from reward.prompts import DIMENSIONS
 from prompts import DEFAULT_PROMPTS

@@ -250,10 +250,12 @@ def test_pool_keeps_many_groups_in_flight(pool, fault_server, ray_local):
     fault_server.reset(FaultConfig(latency_s=1.0))
     groups = [make_group([response(f'"Hello {g}-{i}."') for i in range(4)], group_id=f"c{g}") for g in range(8)]
     started = time.monotonic()
-    refs = [pool.score(group) for group in groups]
+    # Every other group goes as a reference, as the driver hands on what a rollout actor returned, with its size.
+    refs = [pool.score(ray_local.put(g), len(g.samples)) if i % 2 else pool.score(g) for i, g in enumerate(groups)]
     assert sum(pool.load()) == 32 and min(pool.load()) == 16  # spread over both actors at once
     results = ray_local.get(refs, timeout=60)
     elapsed = time.monotonic() - started
+    assert [r.group_id for r in results] == [g.group_id for g in groups]
     assert all(s.valid for group in results for s in group.samples)
     # 32 questions of 1 s each would take 32 s one at a time; the two actors run them all at once.
     assert fault_server.max_concurrent >= 16 and elapsed < 8.0

@@ -3,6 +3,7 @@ generation that loses nothing, health, a restart after a crash, Ray options and 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 
 from actors.config import RolloutConfig
 from actors.records import GroupRequest, SamplingSpec
-from actors.rollout import IncompleteGroupError, RolloutError, group_from_output, rollout_actor_options
+from actors.engine_io import IncompleteGroupError, RolloutError, group_from_output
+from actors.rollout import rollout_actor_options
 
 MESSAGES = (
     {"role": "system", "content": "You are an agent."},
@@ -90,7 +92,7 @@ def test_streamed_deltas_merge_into_samples_whose_tokens_carry_their_policy_vers
     """An update lands between the first and the second delta the actor takes: the second delta was produced after
     the first take, when version 0 was served (some of it maybe after the update: the tag errs old), so it is
     tagged 0; the third delta, produced after the second take (version 1 served then), is tagged 1."""
-    from actors.rollout import VersionedOutput
+    from actors.engine_io import VersionedOutput
 
     def delta(*completions, finished=False):
         return SimpleNamespace(finished=finished, outputs=list(completions))
@@ -142,6 +144,21 @@ def test_group_has_n_samples_with_a_logprob_per_token(ray_local, actors, tiny_mo
         assert (sample.finish_reason == "length") == (len(sample.response_token_ids) == 24)
         assert sample.text == tokenizer.decode(list(sample.response_token_ids), skip_special_tokens=True)
         assert sample.state_id == "s-1"
+
+
+@pytest.mark.slow
+def test_the_router_hands_the_group_on_by_reference(ray_local, actors):
+    """The training driver waits for the sample count only; the group stays a reference for a reward actor to read."""
+    from cluster.accounting import Counts
+    from cluster.router import RolloutRouter
+
+    async def resync() -> None:
+        raise AssertionError("no actor was lost")
+
+    request = GroupRequest("g-ref", "s-1", messages=MESSAGES, sampling=SamplingSpec(n=3, max_tokens=8))
+    samples, group = asyncio.run(RolloutRouter(actors, resync, Counts()).generate(request))
+    assert samples == 3 and isinstance(group, ray_local.ObjectRef)
+    assert [s.index for s in ray_local.get(group).samples] == [0, 1, 2]
 
 
 @pytest.mark.slow
