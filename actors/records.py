@@ -1,9 +1,10 @@
 """The one record type that crosses the roles.
 
 A rollout actor answers a `GroupRequest` with a `Group` of n `Sample`s; the reward pool turns it into a
-`ScoredGroup` of `ScoredSample`s; the learner consumes scored groups. Groups are atomic: AMPO
-normalises within the n samples of one prompt, so a group travels whole, and a sample that could not
-be scored stays inside its group marked invalid, with a reason.
+`ScoredGroup` of `ScoredSample`s; the learner consumes scored groups. Between the reward pool and the learner a
+scored group stays in Ray's object store as a `StoredGroup`: its `GroupSummary` (rewards, modes, lengths, no
+tokens) is all the driver reads. Groups are atomic: AMPO normalises within the n samples of one prompt, so a group
+travels whole, and a sample that could not be scored stays inside its group marked invalid, with a reason.
 
 `SCORED_SAMPLE_SCHEMA` is the pyarrow schema of a scored sample, used for the rollout logs (Parquet)
 and for checkpointing the groups waiting in the replay queue losslessly.
@@ -147,6 +148,88 @@ class ScoredGroup:
     @property
     def policy_version(self) -> int:
         return min(s.sample.policy_version for s in self.samples)
+
+
+@dataclass(frozen=True)
+class SampleSummary:
+    """What the driver decides on about one scored sample: its reward and sizes, without a token."""
+
+    group_id: str
+    index: int
+    policy_version: int
+    mode: int | None
+    format_valid: bool
+    reward: float | None
+    prompt_length: int
+    response_length: int
+    """Full response tokens, as :attr:`ScoredSample.response_length` (AMPO's length measure)."""
+    updated_tokens: int
+    """Response tokens produced by a newer policy than the one the response started under."""
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """A scored group without its tokens: enough to queue it, filter it, compute its advantages and balance the
+    learner ranks, a few hundred bytes where the group weighs tens of kilobytes."""
+
+    group_id: str
+    n: int
+    """The number of samples the request asked for (a complete group has exactly these)."""
+    samples: tuple[SampleSummary, ...]
+
+    @property
+    def policy_version(self) -> int:
+        return min(s.policy_version for s in self.samples)
+
+
+def summarise(group: ScoredGroup) -> GroupSummary:
+    """The summary of a scored group (made by the reward actor that scored it)."""
+    return GroupSummary(
+        group_id=group.group_id,
+        n=group.request.sampling.n,
+        samples=tuple(
+            SampleSummary(
+                group_id=s.sample.group_id,
+                index=s.sample.index,
+                policy_version=s.sample.policy_version,
+                mode=s.mode,
+                format_valid=s.format_valid,
+                reward=s.reward,
+                prompt_length=len(s.sample.prompt_token_ids),
+                response_length=s.response_length,
+                updated_tokens=sum(v > s.sample.policy_version for v in s.sample.versions),
+            )
+            for s in group.samples
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class StoredGroup:
+    """A scored group that stays in Ray's object store on its way to the learner.
+
+    The driver queues, filters and accounts for groups by their `summary` alone; `ref` (the ``ObjectRef`` of the
+    :class:`ScoredGroup`) is read by the learner ranks that train on its samples, and by a checkpoint or the rollout
+    log, never on the way.
+    """
+
+    summary: GroupSummary
+    ref: Any
+
+    @property
+    def group_id(self) -> str:
+        return self.summary.group_id
+
+    @property
+    def policy_version(self) -> int:
+        return self.summary.policy_version
+
+
+def store(group: ScoredGroup) -> StoredGroup:
+    """Put a scored group held in this process into the object store (a restored checkpoint, tests, benches)."""
+    import ray  # only here: the records themselves are plain data, usable without Ray
+
+    return StoredGroup(summarise(group), ray.put(group))
 
 
 SCORED_SAMPLE_SCHEMA = pa.schema(

@@ -83,13 +83,13 @@ def main() -> None:
         pool.wait_ready()
         # Warm up: every actor opens all its connections and runs its code paths once.
         warmup = (CONCURRENCY + GROUP_SIZE - 1) // GROUP_SIZE * ACTORS
-        ray.get([pool.score(make_group(f"warmup{i}")) for i in range(warmup)])
+        ray.get([pool.score(make_group(f"warmup{i}")).group for i in range(warmup)])
         server.reset()
         calls_before = pool.stats().judge.calls
 
         groups = [make_group(f"g{i}") for i in range(GROUPS)]
         started = time.monotonic()
-        refs = [pool.score(group) for group in groups]
+        refs = [pool.score(group).group for group in groups]
         results = ray.get(refs)
         elapsed = time.monotonic() - started
         calls = pool.stats().judge.calls - calls_before

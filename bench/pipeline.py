@@ -247,6 +247,7 @@ def measure_stages(
     judge server (started here with that latency, stopped by ``stack``) that the driver runs use too."""
     import ray
 
+    from actors.records import store
     from actors.rollout import create_rollout_actors
     from testing.fault_server import FaultConfig, FaultServer
     from reward.pool import RewardPool
@@ -271,12 +272,13 @@ def measure_stages(
     server = stack.enter_context(FaultServer(FaultConfig(latency_s=latency)))
     pool = RewardPool(config.reward, model_dir, base_url=server.base_url, model="judge", num_cpus=0.5)
     pool.wait_ready()
-    ray.get(pool.score(groups[0]))  # warm-up: connections, code paths
-    scored, judge_seconds = asyncio.run(windowed([lambda g=g: pool.score(g) for g in groups], window))
+    ray.get(pool.score(groups[0]).group)  # warm-up: connections, code paths
+    scored, judge_seconds = asyncio.run(windowed([lambda g=g: pool.score(g).group for g in groups], window))
     pool.shutdown()
     valid = valid_fraction(scored)
 
-    batches = [scored[k : k + sizes.groups_per_step] for k in range(0, len(scored), sizes.groups_per_step)]
+    # As the driver hands them to the learner: in the object store, with their summaries.
+    batches = [[store(g) for g in scored[k : k + sizes.groups_per_step]] for k in range(0, len(scored), sizes.groups_per_step)]
     learn_seconds, pushes = time_learner(model_dir, config, batches, push_to=actor)
     ray.get(actor.shutdown.remote(), timeout=120)
     ray.kill(actor)

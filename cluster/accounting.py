@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.records import ScoredGroup
+from actors.records import GroupSummary
 from cluster.metrics import GROUP_STAGES, eval_series
 from reward.modes import MODES
 
@@ -194,8 +194,9 @@ def eval_goal_series(results: dict[str, float]) -> list[tuple[float, dict[str, s
     return [(value, tags) for name, value, tags in eval_series(results)[0] if name == "ampo_eval_goal"]
 
 
-def batch_statistics(groups: Sequence[ScoredGroup], version: int) -> dict[str, float]:
-    """Reward, format and mode statistics of the groups one learner step consumes (those the authors' code logs)."""
+def batch_statistics(groups: Sequence[GroupSummary], version: int) -> dict[str, float]:
+    """Reward, format and mode statistics of the groups one learner step consumes (those the authors' code logs),
+    from their summaries."""
     samples = [s for g in groups for s in g.samples]
     rewards = [s.reward for s in samples if s.reward is not None]
     stats: dict[str, float] = {
@@ -206,8 +207,7 @@ def batch_statistics(groups: Sequence[ScoredGroup], version: int) -> dict[str, f
         "staleness": float(np.mean([version - g.policy_version for g in groups])) if groups else 0.0,
         "response_tokens_mean": float(np.mean([s.response_length for s in samples])) if samples else 0.0,
         # Tokens a newer policy produced than the one their response started under (in-flight weight updates).
-        "updated_token_ratio": sum(v > s.sample.policy_version for s in samples for v in s.sample.versions)
-        / max(sum(s.response_length for s in samples), 1),
+        "updated_token_ratio": sum(s.updated_tokens for s in samples) / max(sum(s.response_length for s in samples), 1),
     }
     valid = [s for s in samples if s.mode is not None]
     for mode in MODES:

@@ -14,14 +14,17 @@ How the driver keeps every stage busy and every group accounted for:
   finishing out of order) are refused by the queue, counted and replaced. A landed push tops the pipeline
   up at once. With `max_staleness: 0` the driver also waits for each weight push before issuing the next
   batch: exactly synchronous on-policy RL, the baseline the benchmarks compare against.
-* **One task per group**: generate on the least-loaded rollout actor, score on the reward pool, put into
-  the queue. The generated group goes from the rollout actor to a reward actor by reference: the driver waits
-  for its sample count only and never deserialises it (Ray still routes a group under 100 KiB through the
-  driver's memory as bytes). The scored group is read here, once: advantages are normalised over whole groups,
-  the batch statistics and the checkpoint of the waiting groups need it, and each sample then goes to one
-  learner rank. A rollout or reward actor that dies is restarted by Ray (`max_restarts`); the driver re-sends
-  the group it held (counted as resubmitted) and, for a rollout actor, first brings the restarted engine
-  to the current weights. A group is therefore generated, scored and queued exactly once.
+* **One task per group**: generate on the least-loaded rollout actor, score on the reward pool, put into the queue.
+  The generated group goes from the rollout actor to a reward actor by reference: the driver waits for its sample
+  count only and never deserialises it. The reward actor returns the scored group and its summary as two objects;
+  the driver reads the summary (rewards, modes, lengths: what filtering, the queue, the advantages and the batch
+  statistics need) and hands the group's reference on, through the queue, to the learner ranks, which read the
+  groups of their own samples. Only a checkpoint (the waiting groups) and `logging.save_rollouts` read scored groups
+  here. (Ray returns an object under 100 KiB inline to its owner, this process, so such a group passes through its
+  memory as bytes, never deserialised; larger ones stay in the object store of the node that made them.) A rollout
+  or reward actor that dies is restarted by Ray (`max_restarts`); the driver re-sends the group it held (counted as
+  resubmitted) and, for a rollout actor, first brings the restarted engine to the current weights. A group is
+  therefore generated, scored and queued exactly once.
 * **Accounting**: `generated = scored = consumed + refused + dropped + filtered + waiting in the queue` at the
   end of a run (refused: turned away at put; dropped: accepted, then too stale once the learner moved on;
   filtered: no gradient signal, with `algorithm.filter_uninformative`); the summary and
@@ -57,7 +60,7 @@ import ray
 import yaml
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
-from actors.records import GroupRequest, SamplingSpec, ScoredGroup, scored_groups_to_table
+from actors.records import GroupRequest, GroupSummary, SamplingSpec, StoredGroup, scored_groups_to_table
 from actors.states import RLState, chat_token_counter, fit_states
 from cluster.accounting import Counts, DriverMetrics, Occupancy, batch_statistics, saved_accounting
 from cluster.config import Config, ConfigError, dump_config, experiment_differences
@@ -111,7 +114,7 @@ class TrainingDriver:
         self.run_dir = Path(config.cluster.run_dir)
         self.counts = Counts()
         self.step = 0
-        self.version = 0
+        """Learner steps taken; also the policy version (see `version`)."""
         self.served_version = 0
         """Newest policy version acknowledged by every rollout actor (drives the capacity rule)."""
         self._stop = asyncio.Event()
@@ -124,7 +127,7 @@ class TrainingDriver:
         """True while the training loop runs: only then may groups be issued (a push can land after it ended)."""
         self._pending: dict[str, list[Any]] = {}
         """Group id → [state index, last stage counted] for each group whose task has not finished."""
-        self._rollout_buffer: list[ScoredGroup] = []
+        self._rollout_buffer: list[StoredGroup] = []
         self.states_dropped = 0
         """States left out because their templated prompt is longer than `rollout.max_prompt_tokens`."""
         self._resume_from: Path | None = None
@@ -139,6 +142,12 @@ class TrainingDriver:
         """Samples in the reward pool against its judge concurrency: saturated while calls queue in the pool."""
         self.trackers = Trackers.for_run(config)
         """TensorBoard / W&B copies of every metrics.jsonl record (`logging.tensorboard`, `logging.wandb`)."""
+
+    @property
+    def version(self) -> int:
+        """The learner's policy version. Every learner step makes one, so it is the step count, kept in one place;
+        the replay queue, the weight pushes and the records read it here."""
+        return self.step
 
     # ----------------------------------------------------------------------------------------------- roles
 
@@ -364,7 +373,7 @@ class TrainingDriver:
             self.judge_load.change(-samples)
         self._pending[request.group_id][1] = "scored"
         self.counts.add("scored")
-        if self._filter_out(scored):
+        if self._filter_out(scored.summary):
             self._pending.pop(request.group_id, None)
             self.counts.add("filtered")
             self._filtered_this_step += 1
@@ -381,10 +390,11 @@ class TrainingDriver:
             log.info("the replay queue refused group %s (%s); a replacement is issued", request.group_id, result)
             self._top_up()
 
-    async def _score(self, group: ray.ObjectRef, samples: int) -> ScoredGroup:
-        return await self.reward_pool.score(group, samples)
+    async def _score(self, group: ray.ObjectRef, samples: int) -> StoredGroup:
+        pending = self.reward_pool.score(group, samples)
+        return StoredGroup(await pending.summary, pending.group)
 
-    def _filter_out(self, group: ScoredGroup) -> bool:
+    def _filter_out(self, group: GroupSummary) -> bool:
         """Whether a scored group is dropped for carrying no gradient (see `algorithm.filter_uninformative`)."""
         algorithm = self.config.algorithm
         if not algorithm.filter_uninformative:
@@ -418,7 +428,7 @@ class TrainingDriver:
                 get.cancel()  # takes nothing from the queue
                 return
             self._top_up()
-        stats = batch_statistics(groups, self.version)
+        stats = batch_statistics([g.summary for g in groups], self.version)
         stats["filtered_groups"] = float(self._filtered_this_step)
         self._filtered_this_step = 0
         self._filter_cap_reached = False
@@ -430,8 +440,7 @@ class TrainingDriver:
         self.counts.add("consumed", len(groups))
         append_json_line(self.run_dir / CONSUMED_LOG,
                          {"step": self.step + 1, "version": self.version, "groups": [g.group_id for g in groups]})
-        self.step += 1
-        self.version += 1
+        self.step += 1  # and with it the policy version
         dropped = await self.queue.drop_stale()
         self.counts.add("dropped", dropped)
         if dropped:
@@ -499,7 +508,8 @@ class TrainingDriver:
 
         out = self.run_dir / "rollouts"
         out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(scored_groups_to_table(self._rollout_buffer), out / f"step_{self.step:06d}_{time.time_ns()}.parquet")
+        groups = ray.get([g.ref for g in self._rollout_buffer])  # what the user asked to keep: read only for this
+        pq.write_table(scored_groups_to_table(groups), out / f"step_{self.step:06d}_{time.time_ns()}.parquet")
         self._rollout_buffer = []
 
     # ----------------------------------------------------------------------------------------------- checkpoints
@@ -545,7 +555,10 @@ class TrainingDriver:
         if path is None:
             return DataCursor(seed=self.config.data.seed)
         state = self.learner.resume(path)
-        self.step, self.version = state.step, state.version
+        if state.version != state.step:
+            raise ValueError(f"{path} records policy version {state.version} at step {state.step}; this driver's "
+                             "policy version is its step count")
+        self.step = state.step
         if state.queue_snapshot is not None:
             await self.queue.restore(state.queue_snapshot)
         for stage, count in state.data_cursor["counts"].items():  # in place: the router shares this object

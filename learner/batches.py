@@ -43,6 +43,50 @@ class TrainSample:
 
 
 @dataclass(frozen=True)
+class SamplePlan:
+    """What the learner group decided for one sample of a stored group, before any rank has read its tokens."""
+
+    group: int
+    """Position of the sample's group in the step's batch."""
+    sample: int
+    """Position of the sample in its group."""
+    advantage: float
+    stale: bool
+    trainable: bool
+    num_tokens: int
+    """Prompt plus response tokens (what balances the ranks)."""
+
+
+def train_sample(samples: Sequence[Any], plan: SamplePlan) -> TrainSample:
+    """The train sample of ``plan`` taken from its group's scored samples (:class:`actors.records.ScoredSample`)."""
+    s = samples[plan.sample].sample
+    return TrainSample(
+        prompt_ids=tuple(s.prompt_token_ids),
+        response_ids=tuple(s.response_token_ids),
+        behaviour_logprobs=tuple(s.behaviour_logprobs),
+        advantage=plan.advantage,
+        stale=plan.stale,
+        trainable=plan.trainable,
+    )
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """One rank's part of a step: the object-store references of the groups it needs and the samples it trains on
+    (``SamplePlan.group`` indexes ``refs``). The rank reads the groups itself, so their tokens go from the object
+    store to the rank that needs them and through nobody else."""
+
+    refs: tuple[Any, ...]
+    plans: tuple[SamplePlan, ...]
+
+    def fetch(self) -> list[TrainSample]:
+        import ray  # only ranks fetch; the batch maths here needs no Ray
+
+        groups = ray.get(list(self.refs))
+        return [train_sample(groups[p.group].samples, p) for p in self.plans]
+
+
+@dataclass(frozen=True)
 class BCExample:
     """One behaviour-cloning sequence: the loss covers ``input_ids[prompt_len:]`` (the response) only."""
 

@@ -2,6 +2,10 @@
 
 :class:`LearnerGroup` turns a batch of scored groups into one update:
 
+The groups arrive as :class:`actors.records.StoredGroup`: a summary (rewards, modes, lengths) and the reference of
+the scored group in Ray's object store. Steps 1 and 2 need the summaries only; each rank reads the groups of its own
+samples in step 3, so no token passes through the process that drives the group.
+
 1. **Advantages** over the whole batch with ``learner/ampo.py`` (AMPO or GRPO). A sample whose format is invalid has
    mode −1 and its reward (−2) counts, as in the reference. A sample **without a reward** (the judge failed after
    its retries; ``reward is None``) gets no gradient: it is excluded from its group's statistics (mean, std, mode
@@ -12,7 +16,7 @@
 2. **Split** the samples over the ranks balanced by tokens (longest first onto the least-loaded rank) and tell
    every rank the same micro-batch count and the global number of trainable tokens (see ``learner/worker.py``
    for why both matter).
-3. **Step** on all ranks and aggregate their metrics: token-weighted loss parts, clip fraction, KL, entropy, IS
+3. **Step** on all ranks (each first reads its groups) and aggregate their metrics: token-weighted loss parts, clip fraction, KL, entropy, IS
    weights, grad norm, advantage mean/std per mode, tokens per second.
 
 Weight pushes (:meth:`LearnerGroup.publish`) go through :class:`learner.publish.WeightPublisher`; checkpoints and
@@ -23,6 +27,7 @@ the HF export through ``learner/checkpoint.py``. The cluster layer decides place
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import time
@@ -36,15 +41,15 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import RolloutConfig
-from actors.records import ScoredGroup
+from actors.records import GroupSummary, ScoredGroup, StoredGroup, summarise
 from learner.ampo import MODES, ampo_advantages, grpo_advantages, mode_term_groups
 from learner.checkpoint import CheckpointState, finish_checkpoint, read_checkpoint, writing_checkpoint
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.publish import PushReport, WeightPublisher
-from learner.batches import BCExample, TrainSample, micro_batch_count
+from learner.batches import BCExample, RankShard, SamplePlan, TrainSample, micro_batch_count, train_sample
 from learner.worker import TOKEN_MEAN_METRICS, LearnerWorker, Schedule, WorkerSetup, resolve_backend
 
-__all__ = ["BatchInfo", "LearnerGroup", "build_train_samples", "split_by_tokens"]
+__all__ = ["BatchInfo", "LearnerGroup", "build_train_samples", "plan_batch", "shard_batch", "split_by_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -56,48 +61,51 @@ class BatchInfo:
     metrics: dict[str, float]
 
 
-def build_train_samples(
-    groups: Sequence[ScoredGroup], version: int, algorithm: AlgorithmConfig
-) -> tuple[list[TrainSample], BatchInfo]:
-    """Flatten scored groups into train samples with advantages (see the module docstring for unscored samples).
+def plan_batch(
+    groups: Sequence[GroupSummary], version: int, algorithm: AlgorithmConfig
+) -> tuple[list[SamplePlan], BatchInfo]:
+    """Advantages and flags of every sample of a batch, from the group summaries alone (see the module docstring
+    for unscored samples).
 
     ``version`` is the learner's current policy version: samples made by an older one are marked ``stale`` (TIS).
+    A sample is trainable when it has a reward and at least one response token.
     """
-    flat = [(g.group_id, s) for g in groups for s in g.samples]
-    scored = np.array([s.reward is not None for _, s in flat], dtype=bool)
+    flat = [(g, i, s) for g, group in enumerate(groups) for i, s in enumerate(group.samples)]
+    ids = [groups[g].group_id for g, _, _ in flat]
+    scored = np.array([s.reward is not None for _, _, s in flat], dtype=bool)
     advantages = np.zeros(len(flat))
-    modes = np.array([s.mode if s.mode is not None else -1 for _, s in flat], dtype=np.float64)
+    modes = np.array([s.mode if s.mode is not None else -1 for _, _, s in flat], dtype=np.float64)
     mode_term_ratio = 0.0
     if scored.any():
         idx = np.flatnonzero(scored)
-        rewards = [flat[i][1].reward for i in idx]
-        ids = [flat[i][0] for i in idx]
+        rewards = [flat[i][2].reward for i in idx]
+        scored_ids = [ids[i] for i in idx]
         # Logged for GRPO too: the share of groups AMPO would have given a mode term.
-        mode_term_ratio = float(mode_term_groups(modes[idx], ids).mean())
+        mode_term_ratio = float(mode_term_groups(modes[idx], scored_ids).mean())
         if algorithm.estimator == "ampo":
-            lengths = [flat[i][1].response_length for i in idx]
+            lengths = [flat[i][2].response_length for i in idx]
             advantages[idx] = ampo_advantages(
-                rewards, lengths, modes[idx], ids, eps=algorithm.adv_eps, tie_tolerance=algorithm.tie_tolerance
+                rewards, lengths, modes[idx], scored_ids, eps=algorithm.adv_eps, tie_tolerance=algorithm.tie_tolerance
             )
         else:
-            advantages[idx] = grpo_advantages(rewards, ids, eps=algorithm.adv_eps)
-    samples = [
-        TrainSample(
-            prompt_ids=tuple(s.sample.prompt_token_ids),
-            response_ids=tuple(s.sample.response_token_ids),
-            behaviour_logprobs=tuple(s.sample.behaviour_logprobs),
-            advantage=float(advantages[i]),
-            stale=s.sample.policy_version < version,
-            trainable=bool(scored[i]) and len(s.sample.response_token_ids) > 0,
+            advantages[idx] = grpo_advantages(rewards, scored_ids, eps=algorithm.adv_eps)
+    plans = [
+        SamplePlan(
+            group=g,
+            sample=i,
+            advantage=float(advantages[k]),
+            stale=s.policy_version < version,
+            trainable=bool(scored[k]) and s.response_length > 0,
+            num_tokens=s.prompt_length + s.response_length,
         )
-        for i, (_, s) in enumerate(flat)
+        for k, (g, i, s) in enumerate(flat)
     ]
     metrics: dict[str, float] = {
         "groups": float(len(groups)),
         "samples": float(len(flat)),
         "unscored_samples": float((~scored).sum()),
-        "stale_samples": float(sum(s.stale for s in samples)),
-        "reward_mean": float(np.mean([flat[i][1].reward for i in np.flatnonzero(scored)])) if scored.any() else 0.0,
+        "stale_samples": float(sum(p.stale for p in plans)),
+        "reward_mean": float(np.mean([flat[i][2].reward for i in np.flatnonzero(scored)])) if scored.any() else 0.0,
         "mode_term_group_ratio": mode_term_ratio,
     }
     adv = advantages[scored]
@@ -109,7 +117,29 @@ def build_train_samples(
         metrics[f"adv_count/{tag}"] = float(chosen.size)
         metrics[f"adv_mean/{tag}"] = float(chosen.mean()) if chosen.size else 0.0
         metrics[f"adv_std/{tag}"] = float(chosen.std()) if chosen.size else 0.0
-    return samples, BatchInfo(metrics)
+    return plans, BatchInfo(metrics)
+
+
+def build_train_samples(
+    groups: Sequence[ScoredGroup], version: int, algorithm: AlgorithmConfig
+) -> tuple[list[TrainSample], BatchInfo]:
+    """:func:`plan_batch` applied to scored groups held in this process, with their train samples."""
+    plans, info = plan_batch([summarise(g) for g in groups], version, algorithm)
+    return [train_sample(groups[p.group].samples, p) for p in plans], info
+
+
+def shard_batch(groups: Sequence[StoredGroup], plans: Sequence[SamplePlan], parts: Sequence[Sequence[int]]) -> list[RankShard]:
+    """Each rank's :class:`RankShard`: the references of the groups its samples (``parts[rank]``, indices into
+    ``plans``) come from, and those samples' plans re-indexed into them."""
+    shards = []
+    for part in parts:
+        used = sorted({plans[i].group for i in part})
+        position = {g: k for k, g in enumerate(used)}
+        shards.append(RankShard(
+            refs=tuple(groups[g].ref for g in used),
+            plans=tuple(dataclasses.replace(plans[i], group=position[plans[i].group]) for i in part),
+        ))
+    return shards
 
 
 def split_by_tokens(sizes: Sequence[int], world_size: int) -> list[list[int]]:
@@ -195,21 +225,25 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------------------------------------ training
 
-    def step(self, groups: Sequence[ScoredGroup], version: int) -> dict[str, float]:
+    def step(self, groups: Sequence[StoredGroup], version: int) -> dict[str, float]:
         """One AMPO/GRPO update on ``groups`` by a learner at policy ``version``; returns aggregated metrics.
 
-        A batch without a single trainable token (every sample unscored) is skipped with a warning: the
-        result then has ``skipped = 1`` and no update was made.
+        Advantages and the split over ranks come from the groups' summaries; each rank reads the groups of its own
+        samples from the object store. A batch without a single trainable token (every sample unscored) is skipped
+        with a warning: the result then has ``skipped = 1`` and no update was made.
         """
         if self.algorithm is None:
             raise RuntimeError("this learner group was set up for behaviour cloning")
-        samples, info = build_train_samples(groups, version, self.algorithm)
-        global_tokens = sum(s.loss_tokens for s in samples)
+        plans, info = plan_batch([g.summary for g in groups], version, self.algorithm)
+        global_tokens = sum(groups[p.group].summary.samples[p.sample].response_length for p in plans if p.trainable)
         if global_tokens == 0:
-            log.warning("skipping a learner step: none of the %d samples has a reward", len(samples))
+            log.warning("skipping a learner step: none of the %d samples has a reward", len(plans))
             return {**info.metrics, "skipped": 1.0}
         started = time.perf_counter()
-        results = self._run_sharded("step", samples, global_tokens)
+        parts = split_by_tokens([p.num_tokens for p in plans], self.world_size)
+        count = max(micro_batch_count(len(p), self.learner.micro_batch_size) for p in parts)
+        shards = shard_batch(groups, plans, parts)
+        results = ray.get([w.train_on.remote(shard, count, global_tokens) for w, shard in zip(self.workers, shards)])
         seconds = time.perf_counter() - started
         metrics = {name: sum(r[f"{name}_tok_sum"] for r in results) / global_tokens for name in TOKEN_MEAN_METRICS}
         metrics.update(info.metrics)

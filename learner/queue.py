@@ -2,9 +2,10 @@
 
 Design:
 
-* **Groups are atomic** (AMPO normalises inside a group): ``put`` accepts a whole :class:`ScoredGroup` or refuses
-  it. A group is complete when it holds exactly ``request.sampling.n`` samples with indices 0..n−1, all carrying
-  its group id. A group id is accepted at most once over the queue's life (including groups already consumed and
+* **Groups are atomic** (AMPO normalises inside a group): ``put`` accepts a whole group or refuses it. A group is a
+  :class:`StoredGroup`: its summary here, its tokens in Ray's object store, where the learner ranks read them. A
+  group is complete when it holds exactly ``request.sampling.n`` samples with indices 0..n−1, all carrying its
+  group id. A group id is accepted at most once over the queue's life (including groups already consumed and
   groups restored from a checkpoint), so a producer that retries after a crash cannot make the learner see a prompt
   twice.
 * **Backpressure**: the queue holds at most ``capacity`` groups; ``put`` waits (optionally with a timeout) until
@@ -17,14 +18,15 @@ Design:
   by ``drop_stale``, which the owner of the version calls after every change. The queue keeps no version: it reads
   the owner's through the ``version`` callable it was given. The driver's in-flight cap keeps refusals rare; the
   check here is the guarantee.
-* **Checkpoints**: ``snapshot()`` returns the waiting groups as an Arrow IPC stream (the scored-sample schema) plus
-  a JSON document (requests, order, the ids already seen); ``restore()`` rebuilds them exactly. Nothing is
-  pickled, so a checkpoint from elsewhere cannot run code on load.
+* **Checkpoints**: ``snapshot()`` reads the waiting groups from the object store and returns them as an Arrow IPC
+  stream (the scored-sample schema) plus a JSON document (requests, order, the ids already seen); ``restore()``
+  rebuilds them exactly and puts them back into the object store. Nothing is pickled, so a checkpoint from
+  elsewhere cannot run code on load.
 
 The queue is an ordinary asyncio object on the training driver's event loop, where the driver's group tasks put and
-its learning loop gets. It is not a Ray actor of its own: every group reaches it from the driver and leaves it for the
-driver, so an actor would only add two copies of each group on the way, and a checkpoint reads the waiting groups and
-the groups still in flight in the same turn of the loop, so no group is saved as both.
+its learning loop gets. It is not a Ray actor of its own: it holds summaries and references, which the driver has
+anyway, so an actor would only add two remote calls per group, and a checkpoint reads the waiting groups and the
+groups still in flight in the same turn of the loop, so no group is saved as both.
 """
 
 from __future__ import annotations
@@ -39,13 +41,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyarrow as pa
+import ray
 
 from actors.records import (
-    ScoredGroup,
+    GroupSummary,
+    StoredGroup,
     group_request_from_dict,
     group_request_to_dict,
     scored_groups_from_table,
     scored_groups_to_table,
+    store,
 )
 from actors.run_metrics import Gauge, Histogram  # every series also carries the `run` tag
 
@@ -96,7 +101,7 @@ class ReplayQueue:
         self.capacity = capacity
         self.max_staleness = max_staleness
         self.version = version
-        self._groups: collections.deque[ScoredGroup] = collections.deque()
+        self._groups: collections.deque[StoredGroup] = collections.deque()
         self._seen: set[str] = set()  # ids ever accepted: waiting or consumed
         self._reserved: set[str] = set()  # ids of puts waiting for room
         self._changed = asyncio.Condition()
@@ -116,14 +121,14 @@ class ReplayQueue:
 
     # ----------------------------------------------------------------------------------------------- producer side
 
-    async def put(self, group: ScoredGroup, timeout_s: float | None = None) -> PutResult:
+    async def put(self, group: StoredGroup, timeout_s: float | None = None) -> PutResult:
         """Add a complete group, waiting while the queue is full.
 
         Returns ``"accepted"`` or the refusal reason (``"incomplete"``, ``"duplicate"``, ``"stale"``). Raises
         :class:`QueueTimeout` when no room appeared within ``timeout_s`` seconds (None: wait indefinitely); the
         group is then not stored and its id stays free for a retry.
         """
-        problem = _incompleteness(group)
+        problem = _incompleteness(group.summary)
         if problem is not None:
             log.warning("refused incomplete group %s: %s", group.group_id, problem)
             return "incomplete"
@@ -157,7 +162,7 @@ class ReplayQueue:
 
     # ------------------------------------------------------------------------------------------------ learner side
 
-    async def get(self, k: int, timeout_s: float | None = None) -> list[ScoredGroup]:
+    async def get(self, k: int, timeout_s: float | None = None) -> list[StoredGroup]:
         """Take the ``k`` oldest groups, waiting until there are k. They are fresh for the current version as long
         as its owner called :meth:`drop_stale` after changing it. Raises :class:`QueueTimeout` when fewer than
         ``k`` groups arrived within ``timeout_s`` (nothing is taken).
@@ -212,8 +217,8 @@ class ReplayQueue:
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def snapshot(self) -> QueueSnapshot:
-        """The waiting groups and every id seen, in a pickle-free form."""
-        groups = list(self._groups)
+        """The waiting groups (read from the object store) and every id seen, in a pickle-free form."""
+        groups = ray.get([g.ref for g in self._groups])
         sink = pa.BufferOutputStream()
         table = scored_groups_to_table(groups)
         with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -241,7 +246,7 @@ class ReplayQueue:
             raise ValueError(f"unknown replay-queue snapshot format {meta.get('format')!r}")
         table = pa.ipc.open_stream(snapshot.arrow).read_all()
         requests = {r["group_id"]: group_request_from_dict(r) for r in meta["requests"]}
-        groups = {g.group_id: g for g in scored_groups_from_table(table, requests)}
+        groups = {g.group_id: store(g) for g in scored_groups_from_table(table, requests)}
         if sorted(groups) != sorted(meta["order"]):
             raise ValueError("replay-queue snapshot is inconsistent: table groups differ from the recorded order")
         async with self._changed:
@@ -256,14 +261,14 @@ class ReplayQueue:
 
     # ------------------------------------------------------------------------------------------------- internals
 
-    def _lag(self, group: ScoredGroup) -> int:
+    def _lag(self, group: StoredGroup) -> int:
         return self.version() - group.policy_version
 
-    def _refuse_stale(self, group: ScoredGroup) -> PutResult:
+    def _refuse_stale(self, group: StoredGroup) -> PutResult:
         self._log_stale(group)
         return "stale"
 
-    def _log_stale(self, group: ScoredGroup) -> None:
+    def _log_stale(self, group: StoredGroup) -> None:
         log.warning(
             "stale group %s left out: policy version %d, learner at %d, max staleness %d",
             group.group_id,
@@ -273,15 +278,15 @@ class ReplayQueue:
         )
 
 
-def _incompleteness(group: ScoredGroup) -> str | None:
+def _incompleteness(group: GroupSummary) -> str | None:
     """Why a group is not complete, or None when it is."""
-    n = group.request.sampling.n
+    n = group.n
     if len(group.samples) != n:
         return f"{len(group.samples)} samples, expected n={n}"
-    indices = sorted(s.sample.index for s in group.samples)
+    indices = sorted(s.index for s in group.samples)
     if indices != list(range(n)):
         return f"sample indices {indices} are not 0..{n - 1}"
-    strangers = {s.sample.group_id for s in group.samples} - {group.group_id}
+    strangers = {s.group_id for s in group.samples} - {group.group_id}
     if strangers:
         return f"samples from other groups {sorted(strangers)}"
     return None

@@ -62,7 +62,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from actors.precision import resolve_dtype
-from learner.batches import BCExample, TrainSample, collate_bc, collate_rl, micro_chunks, pad_token_id, scored_span
+from learner.batches import BCExample, RankShard, TrainSample, collate_bc, collate_rl, micro_chunks, pad_token_id, scored_span
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.loss import policy_loss, token_logprobs_and_entropy
 
@@ -317,6 +317,10 @@ class LearnerWorker:
             "samples": float(len(samples)),
             "seconds": time.perf_counter() - started,
         }
+
+    def train_on(self, shard: RankShard, num_micro_batches: int, global_tokens: int) -> dict[str, float]:
+        """:meth:`step` on the samples of ``shard``, read from the object store here (see ``learner/group.py``)."""
+        return self.step(shard.fetch(), num_micro_batches, global_tokens)
 
     def logprobs(self, samples: Sequence[TrainSample], num_micro_batches: int) -> list[list[float]]:
         """Per-token log-probs of each sample's response under the current policy (no grad), in input order."""

@@ -16,10 +16,11 @@ reason (``judge_failure_as_zero`` reproduces the reference's 0 instead); a malfo
 sample order. Identical answers within one group share one judge question: the judge is asked at temperature 0,
 so asking twice would buy nothing but cost.
 
-The pool (:class:`RewardPool`) runs ``num_actors`` async Ray actors; ``score(group)`` returns at once with an
-``ObjectRef`` (awaitable in asyncio, usable with ``ray.get``/``ray.wait``), so the driver keeps as many groups in
-flight as it likes, and each actor keeps up to ``judge.max_concurrency`` judge calls in flight. Groups go to the
-actor with the fewest samples outstanding.
+The pool (:class:`RewardPool`) runs ``num_actors`` async Ray actors; ``score(group)`` returns at once with two
+``ObjectRef``s (awaitable in asyncio, usable with ``ray.get``/``ray.wait``): the scored group's summary, which the
+driver reads, and the scored group itself, which stays in the object store for the learner. The driver keeps as many
+groups in flight as it likes, and each actor keeps up to ``judge.max_concurrency`` judge calls in flight. Groups go
+to the actor with the fewest samples outstanding.
 
 Metrics (``actors.run_metrics``: each series also carries the ``run`` tag, and every counter starts at 0 for each of
 its tag values; exported by each actor's node with Ray's usual ``ray_`` prefix):
@@ -41,11 +42,11 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, get_args
+from typing import Any, NamedTuple, Protocol, get_args
 
 import ray
 
-from actors.records import Group, Sample, ScoredGroup, ScoredSample
+from actors.records import Group, GroupSummary, Sample, ScoredGroup, ScoredSample, summarise
 from prompts import DEFAULT_PROMPTS, PromptSet
 from reward.config import RewardConfig
 from reward.custom import CustomReward, CustomRewardContext, load_custom_reward
@@ -406,15 +407,27 @@ class RewardActor:
     async def ready(self) -> bool:
         return True
 
-    async def score(self, group: Group) -> ScoredGroup:
-        return await self._scorer.score(group)
+    @ray.method(num_returns=2)
+    async def score(self, group: Group) -> tuple[GroupSummary, ScoredGroup]:
+        """The scored group and its summary, as two objects: the caller reads the small one and passes the other on."""
+        scored = await self._scorer.score(group)
+        return summarise(scored), scored
 
     async def stats(self) -> RewardStats:
         return self._scorer.stats()
 
 
+class PendingScore(NamedTuple):
+    """The two references a scoring call returns; both are ready when the group is scored."""
+
+    summary: ray.ObjectRef
+    """Of the :class:`GroupSummary` (a few hundred bytes)."""
+    group: ray.ObjectRef
+    """Of the :class:`ScoredGroup`."""
+
+
 class RewardPool:
-    """``config.num_actors`` reward actors behind one ``score(group) -> ObjectRef[ScoredGroup]``.
+    """``config.num_actors`` reward actors behind one ``score(group) -> PendingScore``.
 
     ``tokenizer_path`` is the policy's model folder (answer lengths are counted with its tokenizer);
     ``base_url``/``model`` override the judge endpoint (required when the config says ``local``). Each actor
@@ -470,18 +483,19 @@ class RewardPool:
         self._prune()
         return [sum(pending.values()) for pending in self._pending]
 
-    def score(self, group: Group | ray.ObjectRef, samples: int | None = None) -> ray.ObjectRef:
-        """Send ``group`` to the least-loaded actor (ties: round robin); returns the ``ScoredGroup`` ref. ``group``
-        may be the reference a rollout actor returned (the actor reads it; ``samples`` then gives its size)."""
+    def score(self, group: Group | ray.ObjectRef, samples: int | None = None) -> PendingScore:
+        """Send ``group`` to the least-loaded actor (ties: round robin); returns the references of the scored group
+        and of its summary. ``group`` may be the reference a rollout actor returned (the actor reads it; ``samples``
+        then gives its size)."""
         if samples is None:
             samples = len(group.samples)
         loads = self.load()
         order = [(self._next + i) % len(self._actors) for i in range(len(self._actors))]
         index = min(order, key=lambda i: loads[i])
         self._next = (index + 1) % len(self._actors)
-        ref = self._actors[index].score.remote(group)
-        self._pending[index][ref] = samples
-        return ref
+        summary, scored = self._actors[index].score.remote(group)
+        self._pending[index][summary] = samples
+        return PendingScore(summary, scored)
 
     def stats(self, timeout_s: float = 60.0) -> RewardStats:
         """The actors' counts summed."""

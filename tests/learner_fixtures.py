@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from actors.records import GroupRequest, SamplingSpec, Sample, ScoredGroup, ScoredSample
+from actors.records import GroupRequest, SamplingSpec, Sample, ScoredGroup, ScoredSample, StoredGroup, summarise, store
 
 # The tiny model's tokenizer has 3 special tokens (ids 0-2) and a vocabulary of about 500 ids.
 FIRST_ID, LAST_ID = 3, 480
@@ -91,3 +91,14 @@ def make_groups(count: int, *, n: int = 4, version: int = 0, prefix: str = "g", 
         lens = [rng.randint(4, 12) for _ in range(n)]
         groups.append(make_group(f"{prefix}{g}", rewards, version=version, response_lens=lens, seed=seed))
     return groups
+
+
+def held(group: ScoredGroup) -> StoredGroup:
+    """A stored group whose reference is the group itself, for tests of code that reads the summary only (no Ray;
+    the learner ranks and a queue snapshot need :func:`actors.records.store`)."""
+    return StoredGroup(summarise(group), group)
+
+
+def stored(groups: Sequence[ScoredGroup]) -> list[StoredGroup]:
+    """The groups put into the object store of the running Ray, as the reward pool leaves them for the learner."""
+    return [store(g) for g in groups]

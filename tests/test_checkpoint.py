@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from learner_fixtures import make_groups
+from learner_fixtures import make_groups, stored
 
 from learner.checkpoint import (
     SafeFileSystemReader,
@@ -137,7 +137,7 @@ def test_kill_and_resume_neither_skips_nor_repeats(ray_local, tiny_model_dir: Pa
     loop = asyncio.new_event_loop()  # the driver's: the queue lives on one event loop
     algorithm = AlgorithmConfig(max_staleness=2, kl_coef=0.01)
     learner = LearnerConfig(**TINY_LEARNER, num_ranks=2, micro_batch_size=2, lr=1e-3)
-    data = make_groups(8)  # the data set, walked by the producer with a cursor
+    data = stored(make_groups(8))  # the data set, walked by the producer with a cursor
 
     def produce(queue, start: int, stop: int) -> int:
         for group in data[start:stop]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from learner_fixtures import make_group
 
+from actors.records import summarise
 from cluster.accounting import DriverMetrics, batch_statistics
 from learner.config import AlgorithmConfig
 from learner.group import build_train_samples
@@ -30,7 +31,7 @@ def test_every_step_gauge_is_set_from_a_real_step_record() -> None:
     groups = [make_group("g0", [0.5, 0.6, 0.7, 0.5, 0.8, 0.6, 0.9, 0.7], modes=every_mode,
                          response_lens=[30, 40, 150, 170, 400, 420, 800, 760])]
     _, info = build_train_samples(groups, 1, AlgorithmConfig())
-    record = {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics(groups, 1), **info.metrics, **IDLE}
+    record = {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics([summarise(g) for g in groups], 1), **info.metrics, **IDLE}
     metrics = DriverMetrics()
     gauges = {name: Recorder() for name, value in vars(metrics).items() if type(value).__name__ == "Gauge"}
     for name, recorder in gauges.items():
@@ -167,7 +168,7 @@ def test_updated_token_ratio_counts_tokens_a_newer_version_made() -> None:
     # Sample 0: its last two tokens came after an update to version 3; sample 1 was made by version 2 throughout.
     spanning = dataclasses.replace(first, sample=dataclasses.replace(first.sample, token_versions=(2, 2, 3, 3)))
     group = dataclasses.replace(group, samples=(spanning, second))
-    assert batch_statistics([group], 3)["updated_token_ratio"] == pytest.approx(2 / 10)
+    assert batch_statistics([summarise(group)], 3)["updated_token_ratio"] == pytest.approx(2 / 10)
     with pytest.raises(ValueError, match="token versions must tag each of the 4 response tokens"):
         dataclasses.replace(first.sample, token_versions=(2, 3))
     with pytest.raises(ValueError, match="with a version of at least 2"):

@@ -146,7 +146,7 @@ def test_pool_against_the_real_vllm_judge(tiny_model_dir, ray_local):
             days = ["Sunday", "Monday", "noon"]
             texts = [response(f'"Could I borrow it until {day}?"', mode=1 + i) for i, day in enumerate(days)]
             group = make_group([*texts, BROKEN_RESPONSE], make_context(turn=2))
-            scored = ray_local.get(pool.score(group), timeout=120)
+            scored = ray_local.get(pool.score(group).group, timeout=120)
             stats = pool.stats()
         finally:
             pool.shutdown()

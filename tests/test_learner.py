@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from learner_fixtures import make_group, make_groups
+from learner_fixtures import held, make_group, make_groups, stored
 
+from actors.records import summarise
 from learner.ampo import ampo_advantages
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.group import LearnerGroup, build_train_samples, split_by_tokens
-from learner.batches import TrainSample
+from learner.batches import TrainSample, train_sample
+from learner.group import LearnerGroup, build_train_samples, plan_batch, shard_batch, split_by_tokens
 from learner.worker import LearnerWorker, Schedule, WorkerSetup, free_port, hf_name
 
 TINY_LEARNER = dict(mixed_precision="fp32", gradient_checkpointing=False, dist_timeout_s=60.0)
-# Spec §3.5 worked example: one group of 8, two samples per mode, and its AMPO advantages.
+# The worked example of tests/test_ampo.py and docs/protocol.md: one group of 8, two samples per mode, and its AMPO advantages.
 SPEC_MODES = [1, 1, 2, 2, 3, 3, 4, 4]
 SPEC_REWARDS = [0.5, 0.6, 0.7, 0.5, 0.8, 0.6, 0.9, 0.7]
 SPEC_FINAL = [-2.169, -1.459, -0.297, -1.718, 1.315, -0.106, 2.927, 1.507]
@@ -68,6 +69,22 @@ def test_split_by_tokens_balances_and_covers_everything() -> None:
     loads = [sum(sizes[i] for i in p) for p in parts]
     assert abs(loads[0] - loads[1]) <= 5
     assert split_by_tokens([3], 2) == [[0], []]  # an empty rank still joins (with a dummy micro-batch)
+
+
+def test_each_rank_gets_the_groups_of_its_samples_and_builds_the_same_train_samples() -> None:
+    """The learner group plans a batch from the summaries and hands each rank the references of the groups its
+    samples come from; what a rank builds from them is exactly its share of the batch built in one place."""
+    groups = make_groups(3, n=4) + [make_group("j", [0.5, None, -2.0], modes=[1, 2, None], version=1)]
+    expected, _ = build_train_samples(groups, 1, AlgorithmConfig())
+    plans, _ = plan_batch([summarise(g) for g in groups], 1, AlgorithmConfig())
+    parts = split_by_tokens([p.num_tokens for p in plans], 3)
+    shards = shard_batch([held(g) for g in groups], plans, parts)
+    for part, shard in zip(parts, shards):
+        assert list(shard.refs) == [groups[g] for g in sorted({plans[i].group for i in part})]  # the groups it needs
+        built = [train_sample(shard.refs[p.group].samples, p) for p in shard.plans]  # `held`: the ref is the group
+        assert built == [expected[i] for i in part]
+    assert sum(s.loss_tokens for s in expected) == sum(
+        groups[p.group].samples[p.sample].response_length for p in plans if p.trainable)
 
 
 def test_collate_aligns_response_tokens_and_pads_dummy_rows() -> None:
@@ -173,7 +190,7 @@ def test_two_gloo_ranks_match_one_rank(ray_local, tiny_model_dir) -> None:
         learner = LearnerConfig(**TINY_LEARNER, num_ranks=ranks, micro_batch_size=2, lr=1e-3)
         group = LearnerGroup(learner, tiny_model_dir, algorithm=algorithm)
         try:
-            metrics = group.step(groups, version=1)
+            metrics = group.step(stored(groups), version=1)
             results[ranks] = (metrics, group.logprobs(probe))
         finally:
             group.shutdown()

@@ -223,6 +223,7 @@ def _driver_with_a_step_and_an_evaluation(tmp_path: Path, *overrides: str):
     from cluster.driver import TrainingDriver
     from cluster.evaluation import eval_metrics
     from learner.config import AlgorithmConfig
+    from actors.records import summarise
     from learner.group import build_train_samples
     from reward.evaluator import ResultsSummary, Stat, SubsetSummary
 
@@ -242,9 +243,9 @@ def _driver_with_a_step_and_an_evaluation(tmp_path: Path, *overrides: str):
     asyncio.run(driver._evaluate())
     groups = [make_group("g0", [0.5, 0.6, 0.7, 0.5], modes=[1, 2, 3, 4], response_lens=[30, 150, 400, 800])]
     _, info = build_train_samples(groups, 1, AlgorithmConfig())
-    driver.step, driver.version = 1, 1
+    driver.step = 1  # policy version 1
     idle = {"idle/rollout": 0.25, "idle/learner": 0.5, "saturated/judge": 0.0}
-    driver._log_step({"step": 1, "version": 1, "time": 1.7e9, "step_seconds": 0.5, **batch_statistics(groups, 1), **info.metrics, **idle})
+    driver._log_step({"step": 1, "version": 1, "time": 1.7e9, "step_seconds": 0.5, **batch_statistics([summarise(g) for g in groups], 1), **info.metrics, **idle})
     driver.trackers.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return driver, records

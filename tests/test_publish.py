@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from learner_fixtures import make_groups
+from learner_fixtures import make_groups, stored
 
 from actors.config import RolloutConfig
 from actors.records import GroupRequest, SamplingSpec
@@ -120,16 +120,16 @@ def test_pushes_reach_a_live_rollout_actor_by_both_transports(ray_local, tiny_mo
         before = learner_gap(ray, group, actor)  # same initial weights on both sides
         initial_tokens, initial_engine = engine_logprobs(ray, actor)
         group.connect_rollout([actor], rollout)
-        group.step(make_groups(2, prefix="a"), version=0)
+        group.step(stored(make_groups(2, prefix="a")), version=0)
         pushed = group.publish(1)
-        group.step(make_groups(2, prefix="b"), version=1)  # goes on while version 1 travels
+        group.step(stored(make_groups(2, prefix="b")), version=1)  # goes on while version 1 travels
         first = pushed.result(timeout=120)
         assert first.ok and first.transport == "object_store" and ray.get(actor.version.remote()) == 1, first.describe()
         group.publish(2).result(timeout=120)
         object_store_gap = learner_gap(ray, group, actor)
 
         group.connect_rollout([actor], rollout.model_copy(update={"weight_transport": "broadcast"}))
-        group.step(make_groups(2, prefix="c"), version=2)
+        group.step(stored(make_groups(2, prefix="c")), version=2)
         report = group.publish(3).result(timeout=120)
         assert report.ok and report.transport == "broadcast", report.describe()
         assert ray.get(actor.version.remote()) == 3

@@ -14,6 +14,7 @@ from judge_fixtures import BROKEN_RESPONSE, make_context, make_group, response, 
 from prometheus_client.parser import text_string_to_metric_families
 
 from testing.fault_server import OUTCOMES, FaultConfig, FaultServer
+from actors.records import summarise
 from reward.pool import FORMAT_ERROR_MODE, RewardPool, RewardScorer, load_tokenizer
 from reward.prompts import goal_prompt
 from reward.scores import answer_length_score
@@ -155,7 +156,7 @@ def test_pool_under_30_percent_faults(pool, fault_server, ray_local):
         texts.append(BROKEN_RESPONSE)
         groups.append(make_group(texts, make_context(turn=g % 2), group_id=f"g{g}"))
     started = time.monotonic()
-    refs = [pool.score(group) for group in groups]
+    refs = [pool.score(group).group for group in groups]
     scored_groups = ray_local.get(refs, timeout=150)
     elapsed = time.monotonic() - started
     stats = pool.stats()
@@ -251,9 +252,11 @@ def test_pool_keeps_many_groups_in_flight(pool, fault_server, ray_local):
     groups = [make_group([response(f'"Hello {g}-{i}."') for i in range(4)], group_id=f"c{g}") for g in range(8)]
     started = time.monotonic()
     # Every other group goes as a reference, as the driver hands on what a rollout actor returned, with its size.
-    refs = [pool.score(ray_local.put(g), len(g.samples)) if i % 2 else pool.score(g) for i, g in enumerate(groups)]
+    pending = [pool.score(ray_local.put(g), len(g.samples)) if i % 2 else pool.score(g) for i, g in enumerate(groups)]
     assert sum(pool.load()) == 32 and min(pool.load()) == 16  # spread over both actors at once
-    results = ray_local.get(refs, timeout=60)
+    results = ray_local.get([p.group for p in pending], timeout=60)
+    # The small object the driver reads says what the group holds.
+    assert ray_local.get([p.summary for p in pending]) == [summarise(r) for r in results]
     elapsed = time.monotonic() - started
     assert [r.group_id for r in results] == [g.group_id for g in groups]
     assert all(s.valid for group in results for s in group.samples)
