@@ -110,7 +110,7 @@ def counter_start_values() -> dict[str, dict[str, tuple[str, ...]]]:
     value of an actor's index and of the run's transport)."""
     from reward.judge import ErrorKind
     from reward.modes import MODES
-    from reward.pool import FORMAT_ERROR_MODE, INVALID_REASONS
+    from reward.metrics import FORMAT_ERROR_MODE, INVALID_REASONS
 
     kinds = tuple(get_args(ErrorKind))
     return {

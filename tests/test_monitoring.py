@@ -36,7 +36,7 @@ def _role_metric_owners(transport: str = "object_store") -> list[object]:
     from cluster.accounting import DriverMetrics
     from learner.publish import WeightPublisher
     from learner.queue import ReplayQueue
-    from reward.pool import RayRewardMetrics
+    from reward.metrics import RayRewardMetrics
 
     return [DriverMetrics(), RayRewardMetrics(), ReplayQueue(4, 1, lambda: 0), WeightPublisher([object()], transport=transport)]
 

@@ -40,7 +40,8 @@ from learner.bc import BCDataError, load_bc_records
 from learner.checkpoint import begin_checkpoint, finish_checkpoint, read_checkpoint
 from testing.fault_server import OUTCOMES, FaultConfig, FaultServer
 from reward.modes import format_response
-from reward.pool import FORMAT_ERROR_MODE, RewardScorer, load_tokenizer
+from reward.metrics import FORMAT_ERROR_MODE
+from reward.pool import RewardScorer, load_tokenizer
 from reward.prompts import goal_prompt
 
 JUDGE_FAULTS = tuple(kind for kind in OUTCOMES if kind != "ok")

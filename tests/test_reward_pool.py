@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from testing.fault_server import OUTCOMES, FaultConfig, FaultServer
 from actors.records import summarise
-from reward.pool import FORMAT_ERROR_MODE, RewardPool, RewardScorer, load_tokenizer
+from reward.metrics import FORMAT_ERROR_MODE
+from reward.pool import RewardPool, RewardScorer, load_tokenizer
 from reward.prompts import goal_prompt
 from reward.scores import answer_length_score
 
