@@ -132,6 +132,8 @@ class TrainingDriver:
         """States left out because their templated prompt is longer than `rollout.max_prompt_tokens`."""
         self._resume_from: Path | None = None
         self._unscored_streak = 0
+        self._without_signal = False
+        """Whether the last step had no informative group (warned once per stretch)."""
         self._filtered_this_step = 0
         self._filter_cap_reached = False
         self.metrics = DriverMetrics(run_label(config))
@@ -478,9 +480,23 @@ class TrainingDriver:
             100 * record["idle/rollout"], 100 * record["idle/learner"], 100 * record["saturated/judge"],
         )
         self._watch_unscored(record["unscored_ratio"])
+        self._watch_signal(record)
         self._flush_rollouts()
         if self.on_step is not None:
             self.on_step(record)
+
+    def _watch_signal(self, record: dict[str, Any]) -> None:
+        """Warn when a step had nothing to learn from, once per stretch of such steps (the run goes on: a later group
+        may differ again)."""
+        still = record.get("skipped", 0.0) == 0.0 and record["informative_group_ratio"] == 0.0
+        if still and not self._without_signal:
+            cause = "all broke the format" if record["format_error_ratio"] == 1.0 else "equal rewards, no mode term"
+            log.warning(
+                "step %d: no group of this batch moves the policy (every response of each group got the same reward: "
+                "%s), so this update changes nothing; until a group's responses differ again the run learns nothing. "
+                "algorithm.filter_uninformative=true replaces such groups", self.step, cause,
+            )
+        self._without_signal = still
 
     def _watch_unscored(self, ratio: float) -> None:
         """Stop the run (after this step, with its checkpoint) once most samples go unscored for several steps."""

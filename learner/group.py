@@ -107,6 +107,7 @@ def plan_batch(
         "stale_samples": float(sum(p.stale for p in plans)),
         "reward_mean": float(np.mean([flat[i][2].reward for i in np.flatnonzero(scored)])) if scored.any() else 0.0,
         "mode_term_group_ratio": mode_term_ratio,
+        "informative_group_ratio": _informative_share(advantages, scored, [g for g, _, _ in flat], len(groups)),
     }
     adv = advantages[scored]
     metrics["adv_mean"] = float(adv.mean()) if adv.size else 0.0
@@ -118,6 +119,19 @@ def plan_batch(
         metrics[f"adv_mean/{tag}"] = float(chosen.mean()) if chosen.size else 0.0
         metrics[f"adv_std/{tag}"] = float(chosen.std()) if chosen.size else 0.0
     return plans, BatchInfo(metrics)
+
+
+def _informative_share(advantages: np.ndarray, scored: np.ndarray, group_of: Sequence[int], groups: int) -> float:
+    """Share of the groups that move the policy: their scored samples' advantages differ (a lone sample: is not 0).
+    A group whose samples all get one advantage A adds A · Σ ∇ log π for every response alike; for A = 0, nothing."""
+    if groups == 0:
+        return 0.0
+    of_group = np.asarray(group_of)
+    moving = 0
+    for g in range(groups):
+        a = advantages[(of_group == g) & scored]
+        moving += bool(a.size) and (np.ptp(a) > 1e-9 if a.size > 1 else abs(a[0]) > 1e-9)
+    return float(moving / groups)
 
 
 def build_train_samples(

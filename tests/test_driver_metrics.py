@@ -173,3 +173,28 @@ def test_updated_token_ratio_counts_tokens_a_newer_version_made() -> None:
         dataclasses.replace(first.sample, token_versions=(2, 3))
     with pytest.raises(ValueError, match="with a version of at least 2"):
         dataclasses.replace(first.sample, token_versions=(1, 2, 2, 2))
+
+
+def test_the_share_of_groups_that_move_the_policy() -> None:
+    """A group whose responses all earned −2 (every one broke the format) gets advantage 0 everywhere: no signal."""
+    broken = make_group("broken", [-2.0] * 4, modes=[None] * 4)
+    lone = make_group("lone", [0.5, None, None], modes=[1, 2, 3])  # one scored sample, advantage 0.5: it moves
+    mixed = make_group("mixed", [-2.0, 0.5, 0.6, -2.0], modes=[None, 1, 2, None])
+    ratio = lambda groups: build_train_samples(groups, 0, AlgorithmConfig())[1].metrics["informative_group_ratio"]  # noqa: E731
+    assert ratio([broken]) == 0.0 and ratio([lone]) == 1.0
+    assert ratio([broken, mixed]) == 0.5 and ratio([mixed]) == 1.0
+
+
+def test_the_driver_warns_once_per_stretch_of_steps_without_signal(caplog, tmp_path) -> None:
+    from cluster.config import load_config
+    from cluster.driver import TrainingDriver
+
+    driver = TrainingDriver(load_config("configs/tiny.yaml", [f"cluster.run_dir={tmp_path}"]), [], "unused")
+    dead = {"skipped": 0.0, "informative_group_ratio": 0.0, "format_error_ratio": 1.0}
+    alive = {"skipped": 0.0, "informative_group_ratio": 0.5, "format_error_ratio": 0.5}
+    with caplog.at_level("WARNING", logger="cluster.driver"):
+        for record in (alive, dead, dead, dead, alive, {**dead, "format_error_ratio": 0.0}, {**dead, "skipped": 1.0}):
+            driver._watch_signal(record)
+    warned = [r.getMessage() for r in caplog.records if "moves the policy" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert "all broke the format" in warned[0] and "equal rewards, no mode term" in warned[1]
