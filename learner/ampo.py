@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MODES", "ampo_advantages", "grpo_advantages", "informative_groups", "mode_term_groups"]
+__all__ = ["MODES", "ampo_advantages", "grpo_advantages", "informative_groups", "mode_term_groups", "moving_groups"]
 
 # The four thinking modes, in the code's "Thinking Level" numbering.
 MODES: tuple[int, ...] = (1, 2, 3, 4)
@@ -153,6 +153,14 @@ def informative_groups(
         if estimator == "ampo"
         else grpo_advantages(rewards, group_ids, eps=eps)
     )
+    return moving_groups(advantages, group_ids, atol=atol)
+
+
+def moving_groups(advantages: ArrayLike, group_ids: GroupIds, *, atol: float = 1e-9) -> np.ndarray:
+    """Which groups move the policy given their samples' advantages, one bool per group in order of first
+    appearance: ``max_{i∈G} A_i − min_{i∈G} A_i > atol``, or, for a lone sample, ``|A| > atol`` (see
+    :func:`informative_groups`)."""
+    advantages = np.asarray(advantages, dtype=np.float64)
     codes, n_groups = _group_codes(group_ids, len(advantages))
     high = np.full(n_groups, -np.inf)
     low = np.full(n_groups, np.inf)

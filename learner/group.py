@@ -16,8 +16,8 @@ samples in step 3, so no token passes through the process that drives the group.
 2. **Split** the samples over the ranks balanced by tokens (longest first onto the least-loaded rank) and tell
    every rank the same micro-batch count and the global number of trainable tokens (see ``learner/worker.py``
    for why both matter).
-3. **Step** on all ranks (each first reads its groups) and aggregate their metrics: token-weighted loss parts, clip fraction, KL, entropy, IS
-   weights, grad norm, advantage mean/std per mode, tokens per second.
+3. **Step** on all ranks (each first reads its groups) and aggregate their metrics: token-weighted loss parts, clip
+   fraction, KL, entropy, IS weights, grad norm, advantage mean/std per mode, tokens per second.
 
 Weight pushes (:meth:`LearnerGroup.publish`) go through :class:`learner.publish.WeightPublisher`; checkpoints and
 the HF export through ``learner/checkpoint.py``. The cluster layer decides placement: pass Ray actor options (e.g.
@@ -42,7 +42,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import RolloutConfig
 from actors.records import GroupSummary, ScoredGroup, StoredGroup, summarise
-from learner.ampo import MODES, ampo_advantages, grpo_advantages, mode_term_groups
+from learner.ampo import MODES, ampo_advantages, grpo_advantages, mode_term_groups, moving_groups
 from learner.checkpoint import CheckpointState, finish_checkpoint, read_checkpoint, writing_checkpoint
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.publish import PushReport, WeightPublisher
@@ -75,7 +75,7 @@ def plan_batch(
     scored = np.array([s.reward is not None for _, _, s in flat], dtype=bool)
     advantages = np.zeros(len(flat))
     modes = np.array([s.mode if s.mode is not None else -1 for _, _, s in flat], dtype=np.float64)
-    mode_term_ratio = 0.0
+    mode_term_ratio = moving = 0.0
     if scored.any():
         idx = np.flatnonzero(scored)
         rewards = [flat[i][2].reward for i in idx]
@@ -89,6 +89,7 @@ def plan_batch(
             )
         else:
             advantages[idx] = grpo_advantages(rewards, scored_ids, eps=algorithm.adv_eps)
+        moving = float(moving_groups(advantages[idx], scored_ids).sum())  # a group with no scored sample never moves
     plans = [
         SamplePlan(
             group=g,
@@ -107,7 +108,7 @@ def plan_batch(
         "stale_samples": float(sum(p.stale for p in plans)),
         "reward_mean": float(np.mean([flat[i][2].reward for i in np.flatnonzero(scored)])) if scored.any() else 0.0,
         "mode_term_group_ratio": mode_term_ratio,
-        "informative_group_ratio": _informative_share(advantages, scored, [g for g, _, _ in flat], len(groups)),
+        "informative_group_ratio": moving / len(groups) if groups else 0.0,
     }
     adv = advantages[scored]
     metrics["adv_mean"] = float(adv.mean()) if adv.size else 0.0
@@ -119,19 +120,6 @@ def plan_batch(
         metrics[f"adv_mean/{tag}"] = float(chosen.mean()) if chosen.size else 0.0
         metrics[f"adv_std/{tag}"] = float(chosen.std()) if chosen.size else 0.0
     return plans, BatchInfo(metrics)
-
-
-def _informative_share(advantages: np.ndarray, scored: np.ndarray, group_of: Sequence[int], groups: int) -> float:
-    """Share of the groups that move the policy: their scored samples' advantages differ (a lone sample: is not 0).
-    A group whose samples all get one advantage A adds A · Σ ∇ log π for every response alike; for A = 0, nothing."""
-    if groups == 0:
-        return 0.0
-    of_group = np.asarray(group_of)
-    moving = 0
-    for g in range(groups):
-        a = advantages[(of_group == g) & scored]
-        moving += bool(a.size) and (np.ptp(a) > 1e-9 if a.size > 1 else abs(a[0]) > 1e-9)
-    return float(moving / groups)
 
 
 def build_train_samples(
