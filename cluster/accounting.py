@@ -175,7 +175,8 @@ class DriverMetrics:
         self.staleness.set(metrics["staleness"])
         self.mode_term_group_ratio.set(metrics.get("mode_term_group_ratio", 0.0))
         self.unscored_ratio.set(metrics["unscored_ratio"])
-        self.logprob_mismatch.set(metrics.get("logprob_mismatch", 0.0))  # absent only on a skipped step
+        if metrics.get("logprob_mismatch") is not None:  # None: no current-version token to compare this step
+            self.logprob_mismatch.set(metrics["logprob_mismatch"])
         self.rollout_idle.set(metrics["idle/rollout"])
         self.learner_idle.set(metrics["idle/learner"])
         self.judge_saturated.set(metrics["saturated/judge"])

@@ -492,8 +492,9 @@ class TrainingDriver:
         if still and not self._without_signal:
             cause = "all broke the format" if record["format_error_ratio"] == 1.0 else "equal rewards, no mode term"
             log.warning(
-                "step %d: no group of this batch moves the policy (every response of each group got the same reward: "
-                "%s), so this update changes nothing; until a group's responses differ again the run learns nothing. "
+                "step %d: no group of this batch carries a learning signal (every response of each group got the same "
+                "reward: %s), so its policy gradient is zero; until a group's responses differ again the run learns "
+                "nothing, but the weights keep moving for some steps, carried by the optimizer's momentum. "
                 "algorithm.filter_uninformative=true replaces such groups", self.step, cause,
             )
         self._without_signal = still

@@ -250,14 +250,17 @@ class LearnerGroup:
         metrics = {name: sum(r[f"{name}_tok_sum"] for r in results) / global_tokens for name in TOKEN_MEAN_METRICS}
         metrics.update(info.metrics)
         tokens = sum(r["tokens"] for r in results)
+        # |learner − engine| log-prob over the tokens of current-version samples only (the same weights on both
+        # sides). A step that trains only on older samples (most steps of an asynchronous run) compares nothing, and
+        # its record says so with None rather than a 0 that reads as a perfect match.
+        compared = sum(r["logprob_mismatch_tokens"] for r in results)
         metrics.update(
             {
                 "skipped": 0.0,
                 "is_weight_max": max(r["is_weight_max"] for r in results),
-                # Mean and largest |learner − engine| log-prob of the tokens of current-version samples.
-                "logprob_mismatch": sum(r["logprob_mismatch_sum"] for r in results)
-                / max(sum(r["logprob_mismatch_tokens"] for r in results), 1.0),
-                "logprob_mismatch_max": max(r["logprob_mismatch_max"] for r in results),
+                "logprob_mismatch": sum(r["logprob_mismatch_sum"] for r in results) / compared if compared else None,
+                "logprob_mismatch_max": max(r["logprob_mismatch_max"] for r in results) if compared else None,
+                "logprob_mismatch_tokens": compared,
                 "grad_norm": results[0]["grad_norm"],
                 "lr": results[0]["lr"],
                 "loss_tokens": float(global_tokens),

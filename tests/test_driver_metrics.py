@@ -13,6 +13,8 @@ from learner.group import build_train_samples
 
 IDLE = {"idle/rollout": 0.25, "idle/learner": 0.5, "saturated/judge": 0.0}
 """The role shares the driver adds to each step record (from its `Occupancy` clocks)."""
+COMPARED = {"logprob_mismatch": 3e-7, "logprob_mismatch_max": 2e-6, "logprob_mismatch_tokens": 120}
+"""What `LearnerGroup.step` adds when some of the step's samples came from the learner's current weights."""
 
 
 class Recorder:
@@ -31,11 +33,8 @@ def test_every_step_gauge_is_set_from_a_real_step_record() -> None:
     groups = [make_group("g0", [0.5, 0.6, 0.7, 0.5, 0.8, 0.6, 0.9, 0.7], modes=every_mode,
                          response_lens=[30, 40, 150, 170, 400, 420, 800, 760])]
     _, info = build_train_samples(groups, 1, AlgorithmConfig())
-    record = {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics([summarise(g) for g in groups], 1), **info.metrics, **IDLE}
-    metrics = DriverMetrics()
-    gauges = {name: Recorder() for name, value in vars(metrics).items() if type(value).__name__ == "Gauge"}
-    for name, recorder in gauges.items():
-        setattr(metrics, name, recorder)
+    record = {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics([summarise(g) for g in groups], 1), **info.metrics, **IDLE, **COMPARED}
+    metrics, gauges = recorded_metrics()
     metrics.record_step(record)
     # in_flight follows groups as they are issued and the eval_* gauges follow evaluations; every other gauge is per step.
     unset = sorted(name for name, recorder in gauges.items()
@@ -44,6 +43,25 @@ def test_every_step_gauge_is_set_from_a_real_step_record() -> None:
     # The worked example of tests/test_ampo.py (n = 8): mode 4's two samples get advantages 2.927 and 1.507.
     assert gauges["advantage_mean"].values[(("mode", "4"),)] == pytest.approx((2.927 + 1.507) / 2, abs=1e-3)
     assert len(gauges["advantage_std"].values) == 4
+
+
+def test_a_step_that_compared_no_token_leaves_the_logprob_mismatch_gauge_alone() -> None:
+    groups = [make_group("g0", [0.5, 0.6, 0.7, 0.5])]
+    _, info = build_train_samples(groups, 1, AlgorithmConfig())
+    base = {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics([summarise(g) for g in groups], 1), **info.metrics, **IDLE}
+    metrics, gauges = recorded_metrics()
+    metrics.record_step({**base, **COMPARED})
+    metrics.record_step({**base, "step": 2, "logprob_mismatch": None, "logprob_mismatch_max": None, "logprob_mismatch_tokens": 0})
+    assert gauges["logprob_mismatch"].values == {(): 3e-7}
+
+
+def recorded_metrics() -> tuple[DriverMetrics, dict[str, Recorder]]:
+    """Driver metrics whose gauges are recorders."""
+    metrics = DriverMetrics()
+    gauges = {name: Recorder() for name, value in vars(metrics).items() if type(value).__name__ == "Gauge"}
+    for name, recorder in gauges.items():
+        setattr(metrics, name, recorder)
+    return metrics, gauges
 
 
 def test_evaluation_goal_series_name_their_subset_and_side() -> None:
@@ -195,6 +213,6 @@ def test_the_driver_warns_once_per_stretch_of_steps_without_signal(caplog, tmp_p
     with caplog.at_level("WARNING", logger="cluster.driver"):
         for record in (alive, dead, dead, dead, alive, {**dead, "format_error_ratio": 0.0}, {**dead, "skipped": 1.0}):
             driver._watch_signal(record)
-    warned = [r.getMessage() for r in caplog.records if "moves the policy" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "carries a learning signal" in r.getMessage()]
     assert len(warned) == 2, warned
     assert "all broke the format" in warned[0] and "equal rewards, no mode term" in warned[1]

@@ -199,4 +199,6 @@ def test_two_gloo_ranks_match_one_rank(ray_local, tiny_model_dir) -> None:
     for key in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "is_weight_mean", "is_weight_max"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), key
     assert one["loss_tokens"] == two["loss_tokens"] and one["grad_norm"] > 0
+    # Every sample is one version old, so no token had the learner's weights on both sides: nothing was compared.
+    assert one["logprob_mismatch"] is None and one["logprob_mismatch_tokens"] == 0
     np.testing.assert_allclose(np.concatenate(lp_two), np.concatenate(lp_one), rtol=0, atol=1e-5)
