@@ -32,10 +32,8 @@ def test_every_step_gauge_is_set_from_a_real_step_record() -> None:
     every_mode = [1, 1, 2, 2, 3, 3, 4, 4]
     groups = [make_group("g0", [0.5, 0.6, 0.7, 0.5, 0.8, 0.6, 0.9, 0.7], modes=every_mode,
                          response_lens=[30, 40, 150, 170, 400, 420, 800, 760])]
-    _, info = build_train_samples(groups, 1, AlgorithmConfig())
-    record = {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics([summarise(g) for g in groups], 1), **info.metrics, **IDLE, **COMPARED}
     metrics, gauges = recorded_metrics()
-    metrics.record_step(record)
+    metrics.record_step({**step_record(groups), **COMPARED})
     # in_flight follows groups as they are issued and the eval_* gauges follow evaluations; every other gauge is per step.
     unset = sorted(name for name, recorder in gauges.items()
                    if not recorder.values and name != "in_flight" and not name.startswith("eval_"))
@@ -46,13 +44,17 @@ def test_every_step_gauge_is_set_from_a_real_step_record() -> None:
 
 
 def test_a_step_that_compared_no_token_leaves_the_logprob_mismatch_gauge_alone() -> None:
-    groups = [make_group("g0", [0.5, 0.6, 0.7, 0.5])]
-    _, info = build_train_samples(groups, 1, AlgorithmConfig())
-    base = {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics([summarise(g) for g in groups], 1), **info.metrics, **IDLE}
+    base = step_record([make_group("g0", [0.5, 0.6, 0.7, 0.5])])
     metrics, gauges = recorded_metrics()
     metrics.record_step({**base, **COMPARED})
     metrics.record_step({**base, "step": 2, "logprob_mismatch": None, "logprob_mismatch_max": None, "logprob_mismatch_tokens": 0})
     assert gauges["logprob_mismatch"].values == {(): 3e-7}
+
+
+def step_record(groups: list) -> dict:
+    """The driver's record of step 1 on these groups, without the learner's part."""
+    _, info = build_train_samples(groups, 1, AlgorithmConfig())
+    return {"step": 1, "version": 1, "step_seconds": 0.5, **batch_statistics([summarise(g) for g in groups], 1), **info.metrics, **IDLE}
 
 
 def recorded_metrics() -> tuple[DriverMetrics, dict[str, Recorder]]:

@@ -47,6 +47,7 @@ from scipy import stats
 from cluster.config import load_config
 from cluster.driver import TrainingDriver
 from experiments.adaptive_modes import clone, overrides, states
+from learner.ampo import MODES
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def level1_counts(estimator: str, bc_dir: Path, run_dir: Path, tiny_config_path:
     summary = TrainingDriver(config, states(("easy",)), bc_dir, on_step=records.append).run()
     assert summary["steps"] == STEPS
     level1 = np.array([r["mode_count/1"] for r in records])
-    formed = np.array([sum(r[f"mode_count/{m}"] for m in (1, 2, 3, 4)) for r in records])
+    formed = np.array([sum(r[f"mode_count/{m}"] for m in MODES) for r in records])
     return level1, formed
 
 
@@ -82,10 +83,11 @@ def test_ampo_mode_term_shortens_modes_where_grpo_has_no_signal(ray_local, tiny_
     bc_dir = clone(tmp_path)
     ampo = level1_counts("ampo", bc_dir, tmp_path / "ampo", tiny_config_path)
     grpo = level1_counts("grpo", bc_dir, tmp_path / "grpo", tiny_config_path)
-    share = {name: [h / max(n, 1) for h, n in (window(c, FIRST), window(c, LAST))] for name, c in (("ampo", ampo), ("grpo", grpo))}
-    versus = fisher(window(ampo, LAST), window(grpo, LAST), "greater")
-    rise = fisher(window(ampo, LAST), window(ampo, FIRST), "greater")
-    still = fisher(window(grpo, LAST), window(grpo, FIRST), "two-sided")
+    windows = {name: (window(c, FIRST), window(c, LAST)) for name, c in (("ampo", ampo), ("grpo", grpo))}
+    share = {name: [hits / max(total, 1) for hits, total in pair] for name, pair in windows.items()}
+    versus = fisher(windows["ampo"][1], windows["grpo"][1], "greater")
+    rise = fisher(windows["ampo"][1], windows["ampo"][0], "greater")
+    still = fisher(windows["grpo"][1], windows["grpo"][0], "two-sided")
     print(
         f"\nmode-term guard: level-1 share of well-formed samples AMPO {share['ampo'][0]:.3f} -> {share['ampo'][1]:.3f} "
         f"(p = {rise:.2g}); GRPO {share['grpo'][0]:.3f} -> {share['grpo'][1]:.3f} (p = {still:.2g}); "
